@@ -1,0 +1,271 @@
+"""
+The TerDiT network: a Large-DiT ("DiT_Llama") diffusion transformer whose linear layers are ternary.
+
+    python model.py                # builds every registered size on the meta device and prints its parameters
+    python -c "import torch, model; m = model.build_model('tiny'); print(m(torch.randn(2, 3, 32, 32), torch.tensor([1, 500]), torch.tensor([0, 3])).shape)"
+
+References: DiT (Peebles & Xie 2023, facebookresearch/DiT models.py) for the conditioning and adaLN-Zero;
+Large-DiT-ImageNet (Alpha-VLLM/LLaMA2-Accessory) for the LLaMA-style block (RMSNorm, RoPE, SwiGLU);
+TerDiT (arXiv 2405.14854, Fig. 3) for the ternary layers and the RMSNorm after the adaLN MLP.
+
+Which layers are ternary (as in the reference): attention wq, wk, wv, wo; SwiGLU w1, w2, w3; each block's adaLN
+linear. Full precision (as in the reference): the patch embedder, the timestep MLP, the label table and the
+final layer. That is 99% of the parameters of the 600M and 4.2B models in 2 bits.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant import TernaryLinear
+
+
+@dataclass
+class TerDiTConfig:
+    input_size: int = 32        # side of the (latent or pixel) image the DiT sees
+    patch_size: int = 2
+    in_channels: int = 3        # 3 in pixel space, 4 for sd-vae latents
+    dim: int = 384
+    depth: int = 12
+    n_heads: int = 6
+    num_classes: int = 10
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (DiT, reference)
+    multiple_of: int = 256      # SwiGLU hidden size is rounded up to a multiple of this (LLaMA, reference)
+    norm_eps: float = 1e-5
+    qk_norm: bool = True        # LayerNorm on q and k (optional in Large-DiT; on here for QAT stability)
+    ternary: bool = True        # False gives the full-precision twin the paper compares against
+    adaln_norm: bool = True     # the paper's RMSNorm after the adaLN linear (False = the Fig. 7/8 ablation)
+
+
+# Sizes: tiny is for CPU tests; S and B are DiT-S/B widths; 600M and 4.2B are the paper's two ImageNet models
+# (registry names DiT_Llama_600M_patch2 and DiT_Llama_3B_patch2 in the reference).
+SIZES = {
+    "tiny": dict(dim=128, depth=4, n_heads=4),
+    "S": dict(dim=384, depth=12, n_heads=6),
+    "B": dict(dim=768, depth=12, n_heads=12),
+    "600M": dict(dim=1536, depth=16, n_heads=32),
+    "4.2B": dict(dim=3072, depth=32, n_heads=32),
+}
+
+
+def build_model(size, device=None, **overrides):
+    """A TerDiT of a registered size; `overrides` set any other TerDiTConfig field."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size '{size}': choose one of {', '.join(SIZES)}")
+    return TerDiT(TerDiTConfig(**SIZES[size], **overrides), device=device)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def rope(T, head_dim, device, theta=10000.0):
+    """cos and sin of the rotary angles, each (T, head_dim/2): 1-D RoPE over the flattened token index."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), freqs)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x0, x1) of x (N, T, H, hd): the reference's complex multiply, in real arithmetic."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (N, T, H, hd/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]           # (T, 1, hd/2)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+#################################################################################
+#               Embedding Layers for Timesteps and Class Labels                 #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t (256) -> MLP -> the conditioning width. Full precision."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256, device=None):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, device=device), nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, device=device))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (N, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors. Row num_classes is the null class; training drops labels to it for CFG."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob, device=None):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size, device=device)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, y, force_drop_ids=None):
+        if force_drop_ids is not None:  # the training loop draws the drops itself (reproducible across GPUs)
+            y = torch.where(force_drop_ids, self.num_classes, y)
+        elif self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)
+
+
+#################################################################################
+#                                 Core TerDiT Model                             #
+#################################################################################
+
+class Attention(nn.Module):
+    def __init__(self, dim, n_heads, qk_norm, ternary, device=None):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.wq, self.wk, self.wv, self.wo = (TernaryLinear(dim, dim, bias=False, ternary=ternary, device=device)
+                                              for _ in range(4))
+        # qk-norm as in Large-DiT: LayerNorm over all heads at once, before the heads are split
+        self.q_norm = nn.LayerNorm(dim, device=device) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim, device=device) if qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin):
+        N, T, D = x.shape
+        q = self.q_norm(self.wq(x)).view(N, T, self.n_heads, self.head_dim)  # (N, T, H, hd)
+        k = self.k_norm(self.wk(x)).view(N, T, self.n_heads, self.head_dim)
+        v = self.wv(x).view(N, T, self.n_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(N, T, D))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), hidden = 2/3 * 4 * dim rounded up to multiple_of (LLaMA, reference)."""
+
+    def __init__(self, dim, multiple_of, ternary, device=None):
+        super().__init__()
+        hidden = int(2 * 4 * dim / 3)
+        hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+        self.w1 = TernaryLinear(dim, hidden, bias=False, ternary=ternary, device=device)
+        self.w2 = TernaryLinear(hidden, dim, bias=False, ternary=ternary, device=device)
+        self.w3 = TernaryLinear(dim, hidden, bias=False, ternary=ternary, device=device)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TerDiTBlock(nn.Module):
+    """Large-DiT block with adaLN-Zero conditioning; the adaLN MLP ends in the paper's RMSNorm (Fig. 3A)."""
+
+    def __init__(self, cfg, cond_dim, device=None):
+        super().__init__()
+        dim = cfg.dim
+        self.attention_norm = nn.RMSNorm(dim, eps=cfg.norm_eps, device=device)
+        self.attention = Attention(dim, cfg.n_heads, cfg.qk_norm, cfg.ternary, device=device)
+        self.ffn_norm = nn.RMSNorm(dim, eps=cfg.norm_eps, device=device)
+        self.feed_forward = FeedForward(dim, cfg.multiple_of, cfg.ternary, device=device)
+        # A ternary linear's outputs are sums of ±α over cond_dim inputs, far larger than a trained FP layer's
+        # (Fig. 4); the RMSNorm brings them back to unit scale before they scale and gate the residual stream.
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(),
+            TernaryLinear(cond_dim, 6 * dim, bias=True, ternary=cfg.ternary, device=device),
+            nn.RMSNorm(6 * dim, eps=cfg.norm_eps, device=device) if cfg.adaln_norm else nn.Identity())
+
+    def forward(self, x, c, cos, sin):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa), cos, sin)
+        x = x + gate_mlp.unsqueeze(1) * self.feed_forward(modulate(self.ffn_norm(x), shift_mlp, scale_mlp))
+        return x  # (N, T, D)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) + adaLN shift/scale + linear to patches. Full precision, as in the reference."""
+
+    def __init__(self, dim, cond_dim, patch_size, out_channels, device=None):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, device=device)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels, device=device)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim, device=device))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class TerDiT(nn.Module):
+    """Predicts the noise ε of x_t. Learned variance (DiT's learn_sigma) is left out: out_channels = in_channels."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.config = cfg = config
+        cond_dim = min(cfg.dim, 1024)  # the reference caps the conditioning width at 1024
+        p, C = cfg.patch_size, cfg.in_channels
+        self.x_embedder = nn.Linear(p * p * C, cfg.dim, device=device)
+        self.t_embedder = TimestepEmbedder(cond_dim, device=device)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cond_dim, cfg.class_dropout_prob, device=device)
+        self.layers = nn.ModuleList(TerDiTBlock(cfg, cond_dim, device=device) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.dim, cond_dim, p, C, device=device)
+        if device is None or torch.device(device).type != "meta":
+            self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        # Large-DiT's init: xavier everywhere, N(0, 0.02) embedders, and adaLN-Zero (zeroed modulation and output)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.layers:
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
+        for m in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def patchify(self, x):
+        N, C, H, W = x.shape
+        p = self.config.patch_size
+        x = x.view(N, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (N, H/p, W/p, p, p, C)
+        return x.reshape(N, (H // p) * (W // p), p * p * C)               # (N, T, p²C)
+
+    def unpatchify(self, x, H, W):
+        N, p, C = x.shape[0], self.config.patch_size, self.config.in_channels
+        x = x.view(N, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, H/p, p, W/p, p)
+        return x.reshape(N, C, H, W)
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels -> predicted noise (N, C, H, W)."""
+        N, C, H, W = x.shape
+        p = self.config.patch_size
+        if H % p or W % p or C != self.config.in_channels:
+            raise ValueError(f"input of shape {tuple(x.shape)} does not fit this model "
+                             f"({self.config.in_channels} channels, sides divisible by {p})")
+        h = self.x_embedder(self.patchify(x))       # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (N, cond_dim)
+        cos, sin = rope(h.shape[1], self.config.dim // self.config.n_heads, x.device)
+        for block in self.layers:
+            h = block(h, c, cos, sin)
+        return self.unpatchify(self.final_layer(h, c), H, W)  # (N, C, H, W)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance as in DiT: the first half of the batch carries the class labels, the second
+        half the null class; both halves get the same x. DiT guides only the first 3 channels (a quirk kept for
+        reproducing its FID); we guide all channels, the standard form."""
+        half = x[: len(x) // 2]
+        eps = self.forward(torch.cat([half, half], dim=0), t, y)
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([half_eps, half_eps], dim=0)
+
+
+if __name__ == "__main__":
+    for name in SIZES:
+        m = build_model(name, device="meta")
+        print(f"{name:>5}: {sum(p.numel() for p in m.parameters()) / 1e6:9.1f}M parameters, {m.config}")

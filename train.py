@@ -1,0 +1,252 @@
+"""
+Train a ternary DiT (TerDiT) from scratch with quantization-aware training, on one CPU/GPU or many GPUs (DDP).
+
+CPU or one GPU, no arguments: a tiny ternary model on the embedded Fashion-MNIST, a few minutes on a laptop CPU:
+    python train.py
+The paper's 600M model on ImageNet latents, 8 GPUs (sd-vae-ft-ema in a local folder, ImageNet in class folders):
+    torchrun --standalone --nproc_per_node=8 train.py --size 600M --data /data/imagenet/train --vae /models/sd-vae-ft-ema \
+        --image-size 256 --global-batch-size 256 --max-steps 400000 --out-dir out/600M
+Resume after a crash or a stop: the same command plus --resume.
+
+Recipe (DiT and the TerDiT paper): AdamW, lr 1e-4, no weight decay, EMA 0.9999, global batch 256, bf16 autocast
+on GPU, gradient clipping at 2 (Large-DiT), and the learning rate divided by 10 late in training (the paper's
+ablation shows ternary models need that reduction; it gives no schedule, so where is ours: --lr-drop).
+The defaults of --size, --global-batch-size and --max-steps are small so that `python train.py` runs on a CPU.
+
+Reproducibility: every random draw of a step (which images, t, noise, flips, label drops) comes from a generator
+seeded by (seed, step) over the *global* batch, and each rank takes its slice. So 1 process and N processes with
+the same global batch compute the same step, and a resumed run continues exactly where the first one stopped.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from diffusion import Diffusion
+from model import SIZES, TerDiT, TerDiTConfig
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a ternary DiT (TerDiT) with quantization-aware training.")
+    p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size from model.SIZES (paper: 600M, 4.2B)")
+    p.add_argument("--data", default=None, help="ImageFolder root (class sub-folders); default: embedded Fashion-MNIST")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder: train on its latents (paper: sd-vae-ft-ema)")
+    p.add_argument("--image-size", type=int, default=32, help="image side in pixels (paper: 256 with --vae)")
+    p.add_argument("--fp", action="store_true", help="train the full-precision twin instead of the ternary model")
+    p.add_argument("--no-adaln-norm", action="store_true", help="drop the RMSNorm after the adaLN linear (paper's ablation)")
+    p.add_argument("--global-batch-size", type=int, default=32, help="images per optimizer step over all ranks (paper: 256)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="images per forward pass per rank; default: all of the rank's share")
+    p.add_argument("--max-steps", type=int, default=400, help="optimizer steps to train for")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (DiT, TerDiT: 1e-4)")
+    p.add_argument("--lr-drop", type=float, default=0.75, help="fraction of --max-steps after which the lr is divided by 10")
+    p.add_argument("--grad-clip", type=float, default=2.0, help="max global gradient norm (Large-DiT: 2.0)")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (DiT: 0.9999), warmed up as min(decay, (1+s)/(10+s))")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out-dir", default="out", help="where checkpoints, log.jsonl and sample grids go")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints (always one at the end)")
+    p.add_argument("--sample-every", type=int, default=200, help="steps between sample grids (0: only at the end)")
+    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank for an ImageFolder")
+    return p.parse_args(argv)
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """Yields, for each step, this rank's slice of the global batch: a fresh permutation per epoch, seeded."""
+
+    def __init__(self, n, global_batch, rank, world, seed, start_step, max_steps):
+        self.n, self.G, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.start_step, self.max_steps = start_step, max_steps
+
+    def indices(self, step):
+        pos = step * self.G + torch.arange(self.G)
+        epochs, pos = pos // self.n, pos % self.n
+        perms = {int(e): torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + int(e)))
+                 for e in epochs.unique()}
+        idx = torch.stack([perms[int(e)][p] for e, p in zip(epochs, pos)])
+        share = self.G // self.world
+        return idx[self.rank * share:(self.rank + 1) * share].tolist()
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_steps):
+            yield self.indices(step)
+
+    def __len__(self):
+        return self.max_steps - self.start_step
+
+
+def save_checkpoint(obj, path):
+    """Write to a temp file, then rename: a crash mid-write never replaces the last good checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def sample_grid(ema, cfg, vae, device, path, autocast):
+    y = torch.arange(16, device=device) % cfg.num_classes
+    with autocast:
+        x = Diffusion().sample(ema.eval(), y, (cfg.in_channels, cfg.input_size, cfg.input_size), cfg_scale=4.0,
+                               num_steps=50, method="ddim", clip_denoised=vae is None,
+                               generator=torch.Generator(device=device).manual_seed(0))
+    data.save_grid(vae.decode(x) if vae else x, path, nrow=8)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # DDP the nanoGPT way: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python train.py` runs one process
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    master_process = rank == 0
+    log = print if master_process else (lambda *a, **k: None)
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    G = args.global_batch_size
+    if G % world:
+        raise ValueError(f"--global-batch-size {G} is not divisible by the {world} processes")
+    micro = args.micro_batch_size or G // world
+    if (G // world) % micro:
+        raise ValueError(f"each rank's share of the batch ({G // world}) is not a multiple of --micro-batch-size {micro}")
+    accum = G // world // micro
+
+    # data (and, in latent mode, the VAE that turns images into the DiT's 4-channel latents)
+    dataset = data.load_dataset(args.data, args.image_size)
+    vae = data.VAE(args.vae, device) if args.vae else None
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; train without --resume first")
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            cfg = TerDiTConfig(**ckpt["model_config"])
+        except Exception as e:
+            raise ValueError(f"cannot resume from {ckpt_path}: not a readable train.py checkpoint ({e})") from None
+    else:
+        if os.path.exists(ckpt_path):
+            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
+        cfg = TerDiTConfig(**SIZES[args.size], input_size=args.image_size // 8 if vae else args.image_size,
+                           in_channels=4 if vae else dataset.channels, num_classes=len(dataset.class_names),
+                           ternary=not args.fp, adaln_norm=not args.no_adaln_norm)
+    model = TerDiT(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    step = 0
+    if args.resume:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {step}")
+        del ckpt
+    raw_model = model
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    diffusion = Diffusion()
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log(f"TerDiT-{args.size} ({'ternary' if cfg.ternary else 'full precision'}, adaLN RMSNorm "
+        f"{'on' if cfg.adaln_norm else 'off'}): {n_params / 1e6:.2f}M parameters, {len(dataset)} images, "
+        f"{world} process(es) on {device.type}, global batch {G} = {world} x {accum} x {micro}")
+    if master_process:
+        os.makedirs(args.out_dir, exist_ok=True)
+
+    sampler = GlobalBatches(len(dataset), G, rank, world, args.seed, step, args.max_steps)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, pin_memory=device.type == "cuda",
+                                         num_workers=0 if args.data is None else args.num_workers)
+    C, H = cfg.in_channels, cfg.input_size
+    share = slice(rank * (G // world), (rank + 1) * (G // world))
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    t0 = t_log = time.time()
+    start_step = step
+    for x, y in loader:
+        # this step's random draws, over the global batch, from a generator seeded by (seed, step)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        t = torch.randint(0, diffusion.num_timesteps, (G,), generator=gen)[share].to(device)
+        noise = torch.randn(G, C, H, H, generator=gen)[share].to(device)
+        flip = (torch.rand(G, generator=gen) < 0.5)[share].to(device)
+        drop = (torch.rand(G, generator=gen) < cfg.class_dropout_prob)[share].to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # horizontal flip augmentation (DiT)
+        if vae:
+            x = vae.encode(x)
+        lr = args.lr * (0.1 if step >= args.lr_drop * args.max_steps else 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        for m in range(accum):
+            mb = slice(m * micro, (m + 1) * micro)
+            if ddp:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = m == accum - 1
+            with autocast:
+                loss = diffusion.training_loss(model, x[mb], y[mb], t[mb], noise[mb], drop[mb]) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, raw_model, min(args.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        loss_count += 1
+
+        last = step == args.max_steps
+        ckpt_now = step % args.ckpt_every == 0 or last
+        if step % args.log_every == 0 or ckpt_now:
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            mean_loss = loss_sum.item() / loss_count  # note: a CPU-GPU sync point, only every log_every steps
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss} at step {step}: stopping without writing a checkpoint "
+                                         f"(the last good one is {ckpt_path}); try a lower --lr")
+            dt = time.time() - t_log
+            sps = loss_count / dt
+            eta = (args.max_steps - step) * (time.time() - t0) / (step - start_step)
+            log(f"step {step}/{args.max_steps} | loss {mean_loss:.4f} | lr {lr:.1e} | {sps:.2f} steps/s | "
+                f"{sps * G:.0f} img/s | eta {eta / 60:.1f} min")
+            if master_process:
+                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": sps}) + "\n")
+            loss_sum.zero_()
+            loss_count, t_log = 0, time.time()
+        if master_process and ckpt_now:
+            save_checkpoint({"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                             "step": step, "model_config": asdict(cfg), "args": vars(args)}, ckpt_path)
+        if master_process and (last or (args.sample_every and step % args.sample_every == 0)):
+            sample_grid(ema, cfg, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast)
+    log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min, checkpoint {ckpt_path}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError) as e:
+        # bad input gets one line; worker exceptions arrive with a traceback in their text, keep its last line
+        sys.exit(f"error: {str(e).strip().splitlines()[-1]}")
