@@ -85,7 +85,6 @@ def main(argv=None):
     p.add_argument("--out", default="sample.png", help="output PNG")
     args = p.parse_args(argv)
 
-    torch.set_grad_enabled(False)
     device = torch.device(args.device)
     model = load_model(args.ckpt, device)
     cfg = model.config

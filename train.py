@@ -239,8 +239,12 @@ def main(argv=None):
         if master_process and (last or (args.sample_every and step % args.sample_every == 0)):
             sample_grid(ema, cfg, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast)
     log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min, checkpoint {ckpt_path}")
-    if ddp:
-        dist.barrier()
+    if ddp:  # DDP keeps replicas identical by construction; check it (one checksum per parameter tensor)
+        sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
+        lo, hi = sums.clone(), sums.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        log(f"weights identical on all {world} ranks: {'yes' if torch.equal(lo, hi) else 'NO'}")
         dist.destroy_process_group()
 
 

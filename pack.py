@@ -1,0 +1,305 @@
+"""
+Turn a training checkpoint into a deployment file: ternary weights in 2 bits (or 1.6), the rest in bf16.
+
+    python pack.py --ckpt out/ckpt.pt --out terdit.tdit    # writes terdit.tdit (2-bit) and terdit.tdit3 (base-3)
+    python -c "import pack; m = pack.load_packed('terdit.tdit'); print(m.config)"
+
+Like llm.c's export (train_gpt2.py, `write_model`): a versioned binary written and read with struct and numpy,
+no pickle. The reference TerDiT stores the same 2-bit codes (value+1, 4 per byte, hqq's layout); we store them
+in kernel.py's own tile order so that loading is a byte copy and kernel.ternary_matmul can use them directly.
+
+Two packings of the trits
+-------------------------
+A trit carries log2(3) = 1.585 bits. 2 bits per trit (4 per byte, ".tdit") wastes 21% of that but decodes with
+shifts and masks, which is what the matmul kernel needs. Base 3 packs 5 trits per byte (3^5 = 243 <= 256,
+1.6 bits per trit, ".tdit3"), within 1% of the bound and 20% smaller, but decoding needs division by powers of 3,
+so it is storage only: load_packed expands it to the 2-bit layout once, at load time. The base-3 file is also
+independent of kernel.py's tile order, so it stays readable if that order ever changes.
+
+File format (version 1, little-endian throughout)
+-------------------------------------------------
+    header, 28 bytes (struct "<IIIIQI"):
+        magic           uint32  0x54694454, which puts the bytes "TDiT" at the start of the file
+        version         uint32  FORMAT_VERSION; bumped on any change to this layout
+        trits_per_byte  uint32  4 = 2-bit packing, 5 = base-3 packing
+        index_bytes     uint32  length of the JSON index that follows the header
+        data_bytes      uint64  length of the data section
+        crc32           uint32  zlib.crc32 of the JSON index followed by the data section
+    JSON index (UTF-8): {"config": TerDiTConfig fields, "step": training step of the weights,
+        "pack_2bit_probe": crc32 of kernel.pack_2bit on a fixed probe (2-bit files: detects a changed tile order),
+        "tensors": [{"name", "encoding", "shape", "offset", "nbytes", and for 2-bit trits "packed_shape"}, ...]}
+    zero padding up to a multiple of 64 bytes, then the data section: every tensor at a 64-byte-aligned offset
+    (relative to the section start). The file size must equal align64(28 + index_bytes) + data_bytes.
+
+Tensors, in the order of TerDiT.state_dict() (fixed by model.py's module registration order), each ternary
+TernaryLinear's "weight" replaced by its trits under the name "<layer>.packed":
+    "trits"     <layer>.packed: W̃ of shape (N, K) = (out, in). 2-bit: kernel.pack_2bit(W̃) verbatim. Base 3: W̃
+                flattened row-major, codes c = W̃ + 1, byte = c0 + 3·c1 + 9·c2 + 27·c3 + 81·c4 (last one padded).
+    "float32"   <layer>.alphas: α, shape (1,), kept exact.
+    "bfloat16"  everything else (embedders, norms, adaLN biases, final layer). bf16, not fp16: bf16 keeps
+                float32's exponent range, so nothing overflows (fp16 stops at 65504) or flushes to zero; it
+                pays in mantissa bits instead (relative rounding error <= 2^-9).
+
+API for sample.py: is_packed(path), read_header(path) (config and index only), load_packed(path, device).
+"""
+
+import argparse
+import json
+import os
+import struct
+import sys
+import zlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import kernel
+from model import TerDiT, TerDiTConfig
+from quant import TernaryLinear, export_ternary
+
+MAGIC = 0x54694454        # b"TDiT" read as a little-endian uint32
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<IIIIQI")  # magic, version, trits_per_byte, index_bytes, data_bytes, crc32
+ALIGN = 64
+POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)  # place values of the 5 base-3 digits in a byte
+
+
+def _align(n):
+    return -(-n // ALIGN) * ALIGN
+
+
+def base3_path(path):
+    """Where the base-3 twin of a 2-bit file goes: model.tdit -> model.tdit3, anything else gets .tdit3 appended."""
+    return path + "3" if path.endswith(".tdit") else path + ".tdit3"
+
+
+def _layout_probe():
+    """crc32 of kernel.pack_2bit on a fixed trit pattern: it changes when kernel.py's tile order changes."""
+    probe = (torch.arange(48 * 200) * 7919 % 3 - 1).to(torch.int8).view(48, 200)
+    return zlib.crc32(kernel.pack_2bit(probe).contiguous().numpy().tobytes())
+
+
+# -----------------------------------------------------------------------------
+# base-3 packing: 5 trits per byte
+
+def pack_base3(trits):
+    """int8 trits (any shape) -> uint8 numpy array of ceil(numel/5) bytes, row-major."""
+    c = (trits.flatten().to(torch.int16) + 1).to(torch.uint8).numpy()  # codes in {0, 1, 2}
+    c = np.pad(c, (0, -len(c) % 5)).reshape(-1, 5)                    # (bytes, 5), zero-padded
+    return (c * POW3).sum(axis=1, dtype=np.uint8)                      # <= 2·121 = 242: fits a byte
+
+
+def unpack_base3(packed, N, K):
+    """Inverse of pack_base3: uint8 numpy array -> int8 trits (N, K)."""
+    if packed.max(initial=0) >= 243:
+        raise ValueError("corrupt base-3 data (a byte >= 243): re-run pack.py on the checkpoint")
+    digits = packed[:, None] // POW3 % 3                               # (bytes, 5) codes in {0, 1, 2}
+    return torch.from_numpy(digits.reshape(-1)[: N * K].astype(np.int8) - 1).view(N, K)
+
+
+# -----------------------------------------------------------------------------
+# the deployment-time ternary layer
+
+class PackedTernaryLinear(nn.Module):
+    """y = x · (α W̃)ᵀ + b with W̃ held as kernel.pack_2bit codes (uint8) and multiplied by kernel.ternary_matmul."""
+
+    def __init__(self, in_features, out_features, bias, packed_shape, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features  # K, N
+        self.register_buffer("packed", torch.empty(packed_shape, dtype=torch.uint8, device=device))
+        self.register_buffer("alphas", torch.empty(1, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):  # act like nn.Linear under autocast: the kernel needs bf16/fp16
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = kernel.ternary_matmul(x, self.packed, self.alphas, self.out_features, self.in_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to/half/bfloat16 cast every floating buffer. uint8 `packed` is safe (integer buffers are never
+        # cast), but α must stay float32 and exact: move the original α to wherever `packed` went, uncast.
+        alphas = self.alphas
+        super()._apply(fn, recurse)
+        self.alphas = alphas.to(self.packed.device)
+        return self
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _ternary_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, TernaryLinear) and m.ternary]
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+def _encode(model):
+    """(name, encoding, logical shape, tensor) for every tensor to store, in the documented fixed order."""
+    trits = {f"{name}.weight": export_ternary(m)[0] for name, m in _ternary_layers(model)}
+    out = []
+    for key, t in model.state_dict().items():
+        if key in trits:
+            out.append((key[: -len("weight")] + "packed", "trits", list(t.shape), trits[key]))
+        elif key.endswith(".alphas"):
+            out.append((key, "float32", list(t.shape), t.float()))
+        else:
+            out.append((key, "bfloat16", list(t.shape), t.to(torch.bfloat16)))
+    return out
+
+
+def write_packed(path, config, step, encoded, trits_per_byte):
+    """Write one packed file (trits_per_byte 4 = 2-bit, 5 = base-3). Returns its size in bytes."""
+    index = {"config": config, "step": step, "tensors": []}
+    if trits_per_byte == 4:
+        index["pack_2bit_probe"] = _layout_probe()
+    data = bytearray()
+    for name, encoding, shape, t in encoded:
+        entry = {"name": name, "encoding": encoding, "shape": shape}
+        if encoding == "trits" and trits_per_byte == 4:
+            packed = kernel.pack_2bit(t).contiguous()
+            entry["packed_shape"], blob = list(packed.shape), packed.numpy().tobytes()
+        elif encoding == "trits":
+            blob = pack_base3(t).tobytes()
+        elif encoding == "bfloat16":
+            blob = t.contiguous().view(torch.int16).numpy().tobytes()  # numpy has no bf16: write the raw bits
+        else:
+            blob = t.contiguous().numpy().tobytes()
+        data += bytes(_align(len(data)) - len(data))  # zero padding: every tensor starts 64-byte aligned
+        entry.update(offset=len(data), nbytes=len(blob))
+        index["tensors"].append(entry)
+        data += blob
+    index_bytes = json.dumps(index).encode()
+    crc = zlib.crc32(data, zlib.crc32(index_bytes))
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, trits_per_byte, len(index_bytes), len(data), crc)
+    with open(path, "wb") as f:
+        f.write(header + index_bytes)
+        f.write(bytes(_align(f.tell()) - f.tell()))  # zero padding up to the data section
+        f.write(data)
+    return os.path.getsize(path)
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+def is_packed(path):
+    """True if the file starts with pack.py's magic number (reads 4 bytes; read_header checks the rest)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return len(head) == 4 and struct.unpack("<I", head)[0] == MAGIC
+
+
+def read_header(path):
+    """Header and JSON index of a packed file, without reading the tensors (nor checking the checksum): a dict
+    with "config", "step", "tensors", "trits_per_byte", ... ValueError if not one, of another version, or cut short."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+        if len(head) < 4 or struct.unpack("<I", head[:4])[0] != MAGIC:
+            raise ValueError(f"{path} is not a TerDiT packed file (wrong magic number): make one with pack.py")
+        if len(head) < HEADER.size:
+            raise ValueError(f"{path} is truncated ({size} bytes, shorter than the header): re-run pack.py")
+        magic, version, trits_per_byte, index_len, data_len, crc = HEADER.unpack(head)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {version}, this pack.py reads version {FORMAT_VERSION}: "
+                             "re-run this pack.py on the training checkpoint")
+        if trits_per_byte not in (4, 5):
+            raise ValueError(f"{path} is corrupt (unknown packing {trits_per_byte}): re-run pack.py")
+        data_start = _align(HEADER.size + index_len)
+        if size != data_start + data_len:
+            what = "truncated" if size < data_start + data_len else "corrupt (longer than its header says)"
+            raise ValueError(f"{path} is {what}: {size} bytes, expected {data_start + data_len}; re-run pack.py")
+        try:
+            index = json.loads(f.read(index_len))
+        except ValueError:
+            raise ValueError(f"{path} is corrupt (unreadable JSON index): re-run pack.py") from None
+    return dict(index, version=version, trits_per_byte=trits_per_byte, index_bytes=index_len,
+                data_start=data_start, crc32=crc)
+
+
+def load_packed(path, device="cpu"):
+    """A TerDiT in eval mode whose ternary layers are PackedTernaryLinear; full-precision tensors come back as
+    float32. Run bf16 inference under torch.autocast as sample.py does (packed layers then compute in bf16 with
+    the fused kernel); .to(dtype) also leaves the packed codes and α alone."""
+    hdr = read_header(path)
+    with open(path, "rb") as f:
+        f.seek(HEADER.size)
+        index_bytes = f.read(hdr["index_bytes"])
+        f.seek(hdr["data_start"])
+        data = f.read()
+    if zlib.crc32(data, zlib.crc32(index_bytes)) != hdr["crc32"]:
+        raise ValueError(f"{path} is corrupt (checksum mismatch): re-run pack.py")
+    if hdr["trits_per_byte"] == 4 and hdr["pack_2bit_probe"] != _layout_probe():
+        raise ValueError(f"{path} was packed for a different kernel.pack_2bit tile order than this kernel.py: "
+                         "load its .tdit3 twin instead, or re-run pack.py")
+    state = {}
+    for e in hdr["tensors"]:
+        raw = np.frombuffer(data, dtype=np.uint8, count=e["nbytes"], offset=e["offset"])
+        if e["encoding"] == "trits" and hdr["trits_per_byte"] == 4:
+            t = torch.from_numpy(raw.copy()).view(e["packed_shape"])     # already in the kernel's layout
+        elif e["encoding"] == "trits":
+            t = kernel.pack_2bit(unpack_base3(raw, *e["shape"]))        # base 3 -> trits -> 2-bit layout
+        elif e["encoding"] == "bfloat16":
+            t = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float().view(e["shape"])
+        else:
+            t = torch.from_numpy(raw.view(np.float32).copy()).view(e["shape"])
+        state[e["name"]] = t
+    # Build on the meta device (no memory, no init), swap in packed layers, then take every tensor from the file.
+    model = TerDiT(TerDiTConfig(**hdr["config"]), device="meta")
+    for name, m in _ternary_layers(model):
+        packed_shape = state.get(f"{name}.packed", torch.empty(0)).shape  # a missing one fails strict loading
+        model.set_submodule(name, PackedTernaryLinear(m.in_features, m.out_features, m.bias is not None,
+                                                      packed_shape, device="meta"))
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} is corrupt (its tensors do not match its config): {err}") from None
+    return model.requires_grad_(False).eval().to(device)
+
+
+# -----------------------------------------------------------------------------
+# the CLI
+
+def _mb(n):
+    return f"{n:>12,d} bytes ({n / 1e6:8.2f} MB)"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Pack a TerDiT training checkpoint (EMA weights) for deployment.")
+    parser.add_argument("--ckpt", required=True, help="training checkpoint written by train.py")
+    parser.add_argument("--out", required=True, help="2-bit output file (e.g. terdit.tdit); the base-3 twin "
+                                                     "goes next to it (terdit.tdit3)")
+    args = parser.parse_args(argv)
+
+    try:
+        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:
+        sys.exit(f"error: {args.ckpt} is not a readable torch checkpoint ({type(err).__name__})")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or "ema" not in ckpt:
+        sys.exit(f"error: {args.ckpt} is not a TerDiT training checkpoint (needs 'ema' and 'model_config')")
+    if not ckpt["model_config"].get("ternary", False):
+        sys.exit(f"error: {args.ckpt} holds a full-precision model (ternary=False): there is nothing to pack")
+    try:
+        model = TerDiT(TerDiTConfig(**ckpt["model_config"]), device="meta")
+        model.load_state_dict(ckpt["ema"], strict=True, assign=True)  # the EMA weights are the ones to deploy
+    except (TypeError, RuntimeError) as err:
+        sys.exit(f"error: {args.ckpt}'s EMA weights do not match its model_config ({str(err).splitlines()[0]})")
+
+    encoded = _encode(model)
+    step = ckpt.get("step")
+    size2 = write_packed(args.out, ckpt["model_config"], step, encoded, trits_per_byte=4)
+    size3 = write_packed(base3_path(args.out), ckpt["model_config"], step, encoded, trits_per_byte=5)
+    n_ternary = sum(m.weight.numel() for _, m in _ternary_layers(model))
+    n_total = sum(p.numel() for p in model.parameters())
+    print(f"packed the EMA weights of step {step}: {n_total:,d} parameters, "
+          f"{n_ternary:,d} ({100 * n_ternary / n_total:.1f}%) of them ternary")
+    print(f"training checkpoint  {args.ckpt}: {_mb(os.path.getsize(args.ckpt))}")
+    print(f"EMA weights in bf16  (reference): {_mb(2 * n_total)}")
+    print(f"2-bit packing        {args.out}: {_mb(size2)}")
+    print(f"base-3 packing       {base3_path(args.out)}: {_mb(size3)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Data (data.py): embedded set, ImageFolder, bad input, and latent mode with a tiny random VAE.
+Run: python -m pytest tests/test_data.py -v"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sample
+import train
+from conftest import ROOT
+
+
+def test_embedded_dataset():
+    ds = data.load_dataset(None, 32)
+    x, y = ds[0]
+    assert len(ds) == 40000 and ds.channels == 1 and len(ds.class_names) == 10
+    assert x.shape == (1, 32, 32) and -1 <= x.min() < x.max() <= 1 and 0 <= y < 10
+    counts = torch.bincount(ds.y, minlength=10)
+    assert (counts == 4000).all()
+
+
+def test_image_folder_converts_every_mode(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((40, 30)) * 255).astype(np.uint8), "L").save(root / "a" / "grey.png")
+    Image.fromarray((rng.random((30, 40, 4)) * 255).astype(np.uint8), "RGBA").save(root / "a" / "rgba.png")
+    Image.fromarray((rng.random((33, 33, 3)) * 255).astype(np.uint8)).convert("CMYK").save(root / "b" / "cmyk.jpg")
+    Image.fromarray((rng.random((50, 20, 3)) * 255).astype(np.uint8)).convert("P").save(root / "b" / "pal.png")
+    (root / "b" / "notes.txt").write_text("not an image")
+    ds = data.load_dataset(str(root), 16)
+    assert len(ds) == 4 and ds.class_names == ["a", "b"]
+    for i in range(4):
+        x, y = ds[i]
+        assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    assert [ds[i][1] for i in range(4)] == [0, 0, 1, 1]
+
+
+def run_cli(*args):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    return lines[-1]
+
+
+def test_bad_input_gets_one_clear_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad" / "cls"
+    bad.mkdir(parents=True)
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    common = ["--size", "tiny", "--max-steps", "1", "--num-workers", "0", "--out-dir", str(tmp_path / "o")]
+    line = run_cli("train.py", "--data", str(tmp_path / "missing"), *common)
+    assert line.startswith("error:") and "does not exist" in line
+    assert "no images found" in run_cli("train.py", "--data", str(empty), *common)
+    line = run_cli("train.py", "--data", str(tmp_path / "bad"), *common)
+    assert "broken.png" in line and "cannot read image" in line
+    assert "invalid choice: 'XL'" in run_cli("train.py", "--size", "XL")
+    assert "does not exist" in run_cli("sample.py", "--ckpt", str(tmp_path / "nope.pt"))
+    assert "not a TerDiT checkpoint" in run_cli("sample.py", "--ckpt", str(junk))
+    assert "not a TerDiT checkpoint" in run_cli("sample.py", "--ckpt", str(other))
+    assert "--resume: no checkpoint" in run_cli("train.py", "--resume", *common)
+
+
+def test_latent_mode_with_a_tiny_random_vae(tmp_path, image_folder):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+    vae.save_pretrained(tmp_path / "vae")
+    out = str(tmp_path / "run")
+    train.main(["--size", "tiny", "--data", image_folder, "--vae", str(tmp_path / "vae"), "--image-size", "32",
+                "--global-batch-size", "4", "--max-steps", "2", "--num-workers", "0", "--out-dir", out])
+    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model_config"]
+    assert cfg["in_channels"] == 4 and cfg["input_size"] == 4  # 32 px -> 4×4×4 latents
+    assert os.path.exists(os.path.join(out, "samples_0000002.png"))  # decoded through the VAE
+    png = str(tmp_path / "s.png")
+    sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--vae", str(tmp_path / "vae"), "--classes", "0", "1",
+                 "--num-steps", "3", "--out", png])
+    assert Image.open(png).size == (2 * 34 + 2, 34 + 2)

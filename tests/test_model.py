@@ -1,0 +1,96 @@
+"""The TerDiT network (model.py). Run: python -m pytest tests/test_model.py -v"""
+import pytest
+import torch
+import torch.nn as nn
+
+from model import SIZES, TerDiT, TerDiTConfig, build_model
+from quant import TernaryLinear
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return build_model("tiny", input_size=16, in_channels=1, **kw)
+
+
+def randomize_(m):
+    with torch.no_grad():  # leave adaLN-Zero behind, so every path of the block is exercised
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_forward_shapes():
+    m = tiny().eval()
+    x = torch.randn(3, 1, 16, 16)
+    out = m(x, torch.tensor([0, 10, 999]), torch.tensor([0, 5, 9]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_patchify_roundtrip():
+    m = tiny()
+    x = torch.randn(2, 1, 16, 16)
+    assert m.patchify(x).shape == (2, 64, 4)  # (N, T, p²C)
+    assert torch.equal(m.unpatchify(m.patchify(x), 16, 16), x)
+
+
+def test_forward_with_cfg_doubles_the_batch():
+    m = randomize_(tiny()).eval()
+    x = torch.randn(2, 1, 16, 16)
+    xx, t = torch.cat([x, torch.randn_like(x)]), torch.tensor([500, 20, 500, 20])
+    y = torch.tensor([3, 4, 10, 10])  # second half: the null class
+    out = m.forward_with_cfg(xx, t, y, cfg_scale=4.0)
+    assert out.shape == xx.shape
+    assert torch.equal(out[:2], out[2:])  # both halves carry the guided prediction
+    cond, uncond = m(x, t[:2], y[:2]), m(x, t[:2], y[2:])
+    torch.testing.assert_close(out[:2], uncond + 4.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    # cfg_scale 1 is the plain conditional prediction
+    torch.testing.assert_close(m.forward_with_cfg(xx, t, y, 1.0)[:2], cond, rtol=1e-4, atol=1e-5)
+
+
+def test_adaln_rmsnorm_switch():
+    on, off = tiny(), tiny(adaln_norm=False)
+    assert isinstance(on.layers[0].adaLN_modulation[2], nn.RMSNorm)
+    assert isinstance(off.layers[0].adaLN_modulation[2], nn.Identity)
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if "adaLN_modulation.2" not in k})
+    randomize_(on)
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if "adaLN_modulation.2" not in k})
+    c = torch.randn(2, 128)
+    a, b = on.layers[0].adaLN_modulation(c), off.layers[0].adaLN_modulation(c)
+    g = on.layers[0].adaLN_modulation[2].weight
+    torch.testing.assert_close((a / g).pow(2).mean(-1), torch.ones(2), rtol=1e-3, atol=1e-3)  # unit RMS, then gain
+    assert not torch.allclose(a, b)
+
+
+def test_which_layers_are_ternary():
+    m = tiny()
+    ternary = {n for n, mod in m.named_modules() if isinstance(mod, TernaryLinear) and mod.ternary}
+    assert {n.split(".")[-1] for n in ternary} == {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "1"}
+    assert len(ternary) == 8 * m.config.depth
+    # the reference keeps these in full precision
+    for mod in (m.x_embedder, m.t_embedder.mlp[0], m.final_layer.linear, m.final_layer.adaLN_modulation[1]):
+        assert type(mod) is nn.Linear
+    fp = tiny(ternary=False)
+    assert not any(getattr(mod, "ternary", False) for mod in fp.modules())
+
+
+@pytest.mark.parametrize("size,paper", [("600M", 0.60e9), ("4.2B", 4.2e9)])
+def test_paper_sizes_parameter_counts(size, paper):
+    m = build_model(size, device="meta", in_channels=4, num_classes=1000)  # ImageNet 256: 32×32×4 latents
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - paper) / paper < 0.05, f"{size}: {n / 1e9:.3f}B parameters"
+    assert m.config.dim == {"600M": 1536, "4.2B": 3072}[size]
+
+
+def test_bad_input_and_unknown_size():
+    with pytest.raises(ValueError, match="unknown size 'XL'"):
+        build_model("XL")
+    with pytest.raises(ValueError, match="does not fit"):
+        tiny()(torch.randn(1, 3, 16, 16), torch.tensor([1]), torch.tensor([1]))
+
+
+def test_qat_backward_reaches_every_parameter():
+    m = randomize_(tiny())
+    m(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), torch.tensor([1, 2])).pow(2).mean().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # only the null-class and unused label rows of the table may have no gradient
+    assert missing == [] or missing == ["y_embedder.embedding_table.weight"], missing

@@ -1,0 +1,184 @@
+"""
+Tests for pack.py: the packed files round-trip the ternary weights bit-exactly, the packed model computes what the
+trained model computes, and broken files fail with a clear error. Hermetic, CPU, a few seconds.
+
+    python -m pytest tests/test_pack.py -v
+"""
+
+import os
+import struct
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import kernel  # noqa: E402
+import model as model_lib  # noqa: E402
+import pack  # noqa: E402
+from quant import export_ternary  # noqa: E402
+
+
+def _random_tiny(seed, ternary=True):
+    """A tiny TerDiT with random weights everywhere (zero-init adaLN would make trits and outputs trivial)."""
+    torch.manual_seed(seed)
+    m = model_lib.build_model("tiny", in_channels=1, ternary=ternary)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m.eval()
+
+
+def _checkpoint(path, ternary=True):
+    model, ema = _random_tiny(0, ternary), _random_tiny(1, ternary)  # different, so we can tell which was packed
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "step": 1234,
+                "model_config": asdict(ema.config), "args": {}}, path)
+    return ema
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pack")
+    ema = _checkpoint(d / "ckpt.pt")
+    out = str(d / "tiny.tdit")
+    pack.main(["--ckpt", str(d / "ckpt.pt"), "--out", out])
+    return ema, out, pack.base3_path(out)
+
+
+def _ternary_names(m):
+    return [name for name, layer in m.named_modules() if isinstance(layer, pack.PackedTernaryLinear)]
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_round_trip_bit_exact(packed, which):
+    ema, path = packed[0], packed[which]
+    loaded = pack.load_packed(path)
+    names = _ternary_names(loaded)
+    assert len(names) == 4 * 8  # 4 blocks × (wq, wk, wv, wo, w1, w2, w3, adaLN linear)
+    for name in names:
+        layer, ref = loaded.get_submodule(name), ema.get_submodule(name)
+        trits, alpha = export_ternary(ref)
+        assert set(trits.unique().tolist()) == {-1, 0, 1}, name  # non-trivial weights
+        assert torch.equal(kernel.unpack_2bit(layer.packed, layer.out_features, layer.in_features), trits), name
+        assert torch.equal(layer.alphas, alpha), name
+    # every full-precision tensor is the bf16 rounding of the original
+    ref_sd = ema.state_dict()
+    for key, t in loaded.state_dict().items():
+        if key.endswith((".packed", ".alphas")):
+            continue
+        assert t.dtype == torch.float32, key
+        assert torch.equal(t, ref_sd[key].to(torch.bfloat16).float()), key
+    assert loaded.config == ema.config and not loaded.training
+    assert pack.read_header(path)["step"] == 1234
+
+
+def test_forward_matches_unpacked(packed):
+    ema, path2, path3 = packed
+    # the reference: the trained EMA model with its full-precision tensors rounded to bf16, as the file stores them
+    ref = _random_tiny(1)
+    ternary = {f"{name}.{p}" for name, _ in pack._ternary_layers(ref) for p in ("weight", "alphas")}
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name not in ternary:
+                p.copy_(p.to(torch.bfloat16).float())
+    torch.manual_seed(0)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 10])  # 64 tokens: fast on CPU
+    with torch.no_grad():
+        expected = ref(x, t, y)
+        assert expected.abs().mean() > 1e-3  # the test would be vacuous on an all-zero output
+        for path in (path2, path3):
+            loaded = pack.load_packed(path)
+            got = loaded(x, t, y)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+        # what sample.py calls: classifier-free guidance on the packed model
+        torch.testing.assert_close(loaded.forward_with_cfg(x, t, y, 4.0), ref.forward_with_cfg(x, t, y, 4.0),
+                                   rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_to_dtype_keeps_codes_and_alpha(packed):
+    m = pack.load_packed(packed[1]).to(torch.bfloat16)
+    layer = m.get_submodule(_ternary_names(m)[0])
+    assert layer.packed.dtype == torch.uint8 and layer.alphas.dtype == torch.float32
+    assert m.x_embedder.weight.dtype == torch.bfloat16
+
+
+def test_autocast_like_nn_linear(packed):
+    # sample.py runs float32 weights under bf16 autocast: a packed layer must compute in bf16 like nn.Linear does
+    m = pack.load_packed(packed[1])
+    layer = m.get_submodule(_ternary_names(m)[-1])  # an adaLN linear: has a bias
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, layer.in_features)).dtype == torch.bfloat16
+
+
+def test_is_packed(packed, tmp_path):
+    assert pack.is_packed(packed[1]) and pack.is_packed(packed[2])
+    (tmp_path / "x.pt").write_bytes(b"PK")
+    assert not pack.is_packed(tmp_path / "x.pt")
+
+
+def test_base3_is_smaller(packed):
+    assert os.path.getsize(packed[2]) < os.path.getsize(packed[1])
+
+
+def test_changed_kernel_layout(packed, monkeypatch):
+    monkeypatch.setattr(pack, "_layout_probe", lambda: -1)  # as if kernel.pack_2bit's tile order had changed
+    with pytest.raises(ValueError, match="tile order"):
+        pack.load_packed(packed[1])
+    pack.load_packed(packed[2])  # the base-3 file does not depend on the kernel's layout
+
+
+def test_base3_codec():
+    trits = torch.randint(-1, 2, (7, 13), dtype=torch.int8)  # 91 trits: exercises the padding
+    assert torch.equal(pack.unpack_base3(pack.pack_base3(trits), 7, 13), trits)
+
+
+def _corrupted(path, tmp_path, edit):
+    data = bytearray(open(path, "rb").read())
+    data = edit(data)
+    bad = tmp_path / "bad.tdit"
+    bad.write_bytes(bytes(data))
+    return str(bad)
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_truncated(packed, tmp_path, which):
+    with pytest.raises(ValueError, match="truncated"):
+        pack.load_packed(_corrupted(packed[which], tmp_path, lambda d: d[:-100]))
+
+
+def test_wrong_magic(packed, tmp_path):
+    def edit(d):
+        d[0] ^= 0xFF
+        return d
+    with pytest.raises(ValueError, match="not a TerDiT packed file"):
+        pack.load_packed(_corrupted(packed[1], tmp_path, edit))
+
+
+def test_unknown_version(packed, tmp_path):
+    def edit(d):
+        d[4:8] = struct.pack("<I", 99)
+        return d
+    with pytest.raises(ValueError, match="version 99"):
+        pack.read_header(_corrupted(packed[1], tmp_path, edit))
+
+
+@pytest.mark.parametrize("where", ["data", "index"])
+def test_corrupt(packed, tmp_path, where):
+    def edit(d):
+        d[-1 if where == "data" else d.index(b'"offset": 1024') + 13] ^= 0x01  # a data bit; offset 1024 -> 1025
+        return d
+    with pytest.raises(ValueError, match="corrupt"):
+        pack.load_packed(_corrupted(packed[2], tmp_path, edit))
+
+
+def test_refuses_full_precision_and_non_checkpoints(tmp_path):
+    _checkpoint(tmp_path / "fp.pt", ternary=False)
+    with pytest.raises(SystemExit, match="full-precision"):
+        pack.main(["--ckpt", str(tmp_path / "fp.pt"), "--out", str(tmp_path / "fp.tdit")])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="error: .* not a readable torch checkpoint"):
+        pack.main(["--ckpt", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "junk.tdit")])
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a TerDiT training checkpoint"):
+        pack.main(["--ckpt", str(tmp_path / "other.pt"), "--out", str(tmp_path / "other.tdit")])
