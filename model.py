@@ -40,10 +40,11 @@ class TerDiTConfig:
     adaln_norm: bool = True     # the paper's RMSNorm after the adaLN linear (False = the Fig. 7/8 ablation)
 
 
-# Sizes: tiny is for CPU tests; S and B are DiT-S/B widths; 600M and 4.2B are the paper's two ImageNet models
+# Sizes: tiny is for CPU tests, XS for the shipped demo (it samples on a laptop CPU); S and B are DiT-S/B widths; 600M and 4.2B are the paper's two ImageNet models
 # (registry names DiT_Llama_600M_patch2 and DiT_Llama_3B_patch2 in the reference).
 SIZES = {
     "tiny": dict(dim=128, depth=4, n_heads=4),
+    "XS": dict(dim=192, depth=6, n_heads=3),
     "S": dict(dim=384, depth=12, n_heads=6),
     "B": dict(dim=768, depth=12, n_heads=12),
     "600M": dict(dim=1536, depth=16, n_heads=32),
@@ -56,6 +57,18 @@ def build_model(size, device=None, **overrides):
     if size not in SIZES:
         raise ValueError(f"unknown size '{size}': choose one of {', '.join(SIZES)}")
     return TerDiT(TerDiTConfig(**SIZES[size], **overrides), device=device)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm, computed in float32 whatever the autocast dtype (as the reference does)."""
+
+    def __init__(self, dim, eps, device=None):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim, device=device))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def modulate(x, shift, scale):
@@ -98,7 +111,7 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -163,16 +176,16 @@ class TerDiTBlock(nn.Module):
     def __init__(self, cfg, cond_dim, device=None):
         super().__init__()
         dim = cfg.dim
-        self.attention_norm = nn.RMSNorm(dim, eps=cfg.norm_eps, device=device)
+        self.attention_norm = RMSNorm(dim, eps=cfg.norm_eps, device=device)
         self.attention = Attention(dim, cfg.n_heads, cfg.qk_norm, cfg.ternary, device=device)
-        self.ffn_norm = nn.RMSNorm(dim, eps=cfg.norm_eps, device=device)
+        self.ffn_norm = RMSNorm(dim, eps=cfg.norm_eps, device=device)
         self.feed_forward = FeedForward(dim, cfg.multiple_of, cfg.ternary, device=device)
         # A ternary linear's outputs are sums of ±α over cond_dim inputs, far larger than a trained FP layer's
         # (Fig. 4); the RMSNorm brings them back to unit scale before they scale and gate the residual stream.
         self.adaLN_modulation = nn.Sequential(
             nn.SiLU(),
             TernaryLinear(cond_dim, 6 * dim, bias=True, ternary=cfg.ternary, device=device),
-            nn.RMSNorm(6 * dim, eps=cfg.norm_eps, device=device) if cfg.adaln_norm else nn.Identity())
+            RMSNorm(6 * dim, eps=cfg.norm_eps, device=device) if cfg.adaln_norm else nn.Identity())
 
     def forward(self, x, c, cos, sin):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import SIZES, TerDiT, TerDiTConfig, build_model
+from model import RMSNorm, build_model
 from quant import TernaryLinear
 
 
@@ -49,7 +49,7 @@ def test_forward_with_cfg_doubles_the_batch():
 
 def test_adaln_rmsnorm_switch():
     on, off = tiny(), tiny(adaln_norm=False)
-    assert isinstance(on.layers[0].adaLN_modulation[2], nn.RMSNorm)
+    assert isinstance(on.layers[0].adaLN_modulation[2], RMSNorm)
     assert isinstance(off.layers[0].adaLN_modulation[2], nn.Identity)
     off.load_state_dict({k: v for k, v in on.state_dict().items() if "adaLN_modulation.2" not in k})
     randomize_(on)
