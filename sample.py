@@ -75,12 +75,12 @@ class CUDAGraphed:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample a grid of class-conditional images from a TerDiT checkpoint.")
     p.add_argument("--ckpt", default=DEMO, help="train.py checkpoint or pack.py file (default: the shipped demo)")
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, one image each (default: 4 of every class)")
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, one image each (default: one of each class, up to 16)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (reference: 4.0; 1 = off)")
-    p.add_argument("--num-steps", type=int, default=250, help="sampling steps (DiT/reference: 250 DDPM steps)")
-    p.add_argument("--method", default="ddpm", choices=["ddpm", "ddim"], help="sampler")
+    p.add_argument("--num-steps", type=int, default=50, help="sampling steps (the reference: 250, with --method ddpm)")
+    p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler (DDIM needs fewer steps; the reference: ddpm)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
-    p.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents (default: the one used in training)")
+    p.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents (needed for models trained with --vae)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--out", default="sample.png", help="output PNG")
     args = p.parse_args(argv)
@@ -88,7 +88,7 @@ def main(argv=None):
     device = torch.device(args.device)
     model = load_model(args.ckpt, device)
     cfg = model.config
-    classes = args.classes if args.classes is not None else [c for _ in range(4) for c in range(min(cfg.num_classes, 16))]
+    classes = args.classes if args.classes is not None else list(range(min(cfg.num_classes, 16)))
     if any(not 0 <= c < cfg.num_classes for c in classes):
         raise ValueError(f"--classes must be in 0..{cfg.num_classes - 1} for this model")
     latent = cfg.in_channels == 4

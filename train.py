@@ -238,7 +238,8 @@ def main(argv=None):
                              "step": step, "model_config": asdict(cfg), "args": vars(args)}, ckpt_path)
         if master_process and (last or (args.sample_every and step % args.sample_every == 0)):
             sample_grid(ema, cfg, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast)
-    log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min, checkpoint {ckpt_path}")
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min{peak}, checkpoint {ckpt_path}")
     if ddp:  # DDP keeps replicas identical by construction; check it (one checksum per parameter tensor)
         sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
         lo, hi = sums.clone(), sums.clone()

@@ -1,0 +1,175 @@
+"""
+Tests for kernel.py: the 2-bit packing and the fused ternary matmul against plain-PyTorch references.
+
+    python -m pytest tests/test_kernel.py -v
+
+The CPU part always runs (a few seconds). The GPU part needs CUDA + cupy; it checks the fused kernel
+against a float32 reference on the same bf16/fp16-rounded inputs, with the output poisoned (NaN) first.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernel  # noqa: E402
+
+
+def rand_trits(N, K, gen=None, device="cpu"):
+    return (torch.randint(0, 3, (N, K), generator=gen) - 1).to(torch.int8).to(device)
+
+# -----------------------------------------------------------------------------
+# CPU
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (3, 3), (17, 100), (100, 17), (1, 1000), (200, 72), (16, 128),
+                                 (33, 257), (1152, 1152), (1000, 3)])
+def test_pack_roundtrip(N, K):
+    gen = torch.Generator().manual_seed(N * 1000 + K)
+    w = rand_trits(N, K, gen)
+    p = kernel.pack_2bit(w)
+    Np, Kp = kernel._padded(N, K)
+    assert p.dtype == torch.uint8 and p.shape == (Np, Kp // 4)
+    assert torch.equal(kernel.unpack_2bit(p, N, K), w)
+    assert torch.equal(kernel.pack_2bit(w), p)  # deterministic
+    # padding holds zero-trits (code 1): pack of a zero matrix is all 0b01010101
+    assert torch.equal(kernel.pack_2bit(torch.zeros(N, K, dtype=torch.int8)), torch.full_like(p, 0x55))
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError):
+        kernel.pack_2bit(torch.full((4, 4), 2, dtype=torch.int8))
+    with pytest.raises(ValueError):
+        kernel.unpack_2bit(torch.zeros(10, dtype=torch.uint8), 16, 128)
+
+
+@pytest.mark.parametrize("shape,N,K", [((5, 72), 200, 72), ((2, 3, 100), 17, 100), ((1, 1152), 1152, 1152)])
+def test_cpu_matmul_matches_float64(shape, N, K):
+    gen = torch.Generator().manual_seed(0)
+    w = rand_trits(N, K, gen)
+    x = torch.randn(*shape, generator=gen)
+    alpha = torch.rand(1, generator=gen) + 0.5
+    want = (x.double() @ (alpha.double() * w.double()).t())
+    y = kernel.ternary_matmul(x, kernel.pack_2bit(w), alpha, N, K)
+    assert y.shape == (*shape[:-1], N) and y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    y64 = kernel.ternary_matmul(x.double(), kernel.pack_2bit(w), alpha, N, K)
+    torch.testing.assert_close(y64, want, rtol=1e-12, atol=1e-10)
+    with pytest.raises(ValueError):
+        kernel.ternary_matmul(x[..., :-1], kernel.pack_2bit(w), alpha, N, K)
+
+# -----------------------------------------------------------------------------
+# GPU
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or kernel.cp is None, reason="needs CUDA and cupy")
+REAL = [(1536, 1536), (1536, 4096), (4096, 1536), (1024, 9216), (3072, 3072), (3072, 8192), (8192, 3072),
+        (1024, 18432), (1152, 1152)]  # (K, N)
+AWK_KN = [(72, 200), (200, 72), (1000, 1000), (1, 3), (17, 33), (130, 1000), (1152, 100)]
+MS = [1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 64, 65, 100, 333, 513, 1000, 2048, 8192]
+
+
+def gpu_cases():
+    g = torch.Generator().manual_seed(1234)
+    cases = [(M, K, N) for (K, N) in REAL for M in (1, 16, 333)]           # every real shape
+    cases += [(M, K, N) for (K, N) in AWK_KN for M in (1, 7, 100, 513)]    # awkward K, N
+    for _ in range(20):                                                    # random mixes
+        M = MS[torch.randint(len(MS), (1,), generator=g).item()]
+        K, N = (REAL + AWK_KN)[torch.randint(len(REAL) + len(AWK_KN), (1,), generator=g).item()]
+        cases.append((M, K, N))
+    cases += [(8192, 3072, 3072), (8192, 1024, 18432), (2048, 8192, 3072), (8192, 72, 200)]
+    return cases
+
+
+def reference(x, w, alpha):
+    """float32 reference on the same (bf16/fp16-rounded) inputs, no TF32."""
+    return (x.float() @ w.float().t()) * alpha
+
+
+def check(y, ref, tol=1e-2):
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    err = (y.float() - ref).norm() / ref.norm().clamp_min(1e-30)
+    assert err < tol, f"relative error {err:.2e}"
+
+
+def poison_allocator(nbytes):
+    """Fill and free a block so that the next torch.empty of that size likely gets NaN garbage."""
+    torch.empty(nbytes // 2 + 1, dtype=torch.float16, device="cuda").fill_(float("nan"))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_matches_reference(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = gpu_cases()
+    assert len(cases) >= 50
+    for (M, K, N) in cases:
+        w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
+        x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
+        alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
+        poison_allocator(M * N * 2)
+        y = kernel.ternary_matmul(x, kernel.pack_2bit(w), alpha, N, K)
+        assert y.shape == (M, N) and y.dtype == dtype
+        check(y, reference(x, w, alpha))
+
+
+@gpu
+def test_every_config_poisoned():
+    """Each tile config x cluster split, straight through _launch into a NaN-filled output."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for (M, K, N) in [(37, 1000, 200), (300, 1152, 1152)]:
+        Kp = kernel._padded(N, K)[1]
+        w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
+        x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
+        alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
+        xp = torch.nn.functional.pad(x, (0, Kp - K))
+        packed, ref = kernel.pack_2bit(w), reference(x, w, alpha)
+        for name in kernel.CONFIGS:
+            for cs in (1, 2, 4, 8):
+                y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+                kernel._launch(xp, packed, alpha, y, N, K, name, cs)
+                check(y, ref)
+
+
+@gpu
+def test_leading_dims_noncontiguous_and_fallbacks():
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    N, K = 200, 72
+    w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
+    packed, alpha = kernel.pack_2bit(w), torch.tensor([0.7], device="cuda")
+    big = torch.randn(2, 5, 2 * K, device="cuda", generator=gen).bfloat16()
+    x = big[..., ::2]  # non-contiguous (2, 5, K)
+    y = kernel.ternary_matmul(x, packed, alpha, N, K)
+    assert y.shape == (2, 5, N)
+    check(y, reference(x.reshape(-1, K), w, alpha).view(2, 5, N))
+    y32 = kernel.ternary_matmul(x.float(), packed, alpha, N, K)  # fp32: reference path + one-time warning
+    assert y32.dtype == torch.float32
+    check(y32, reference(x.reshape(-1, K), w, alpha).view(2, 5, N), tol=1e-5)
+
+
+@gpu
+def test_cuda_graph_capture_replay():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for (M, K, N) in [(4, 3072, 3072), (600, 1152, 1152)]:
+        w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
+        packed, alpha = kernel.pack_2bit(w), torch.rand(1, device="cuda", generator=gen) + 0.1
+        x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up (compiles) outside the capture
+            kernel.ternary_matmul(x, packed, alpha, N, K)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = kernel.ternary_matmul(x, packed, alpha, N, K)
+        x.copy_(torch.randn(M, K, device="cuda", generator=gen))
+        alpha.fill_(0.37)  # alpha is read on the device at replay time
+        y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        eager = kernel.ternary_matmul(x, packed, alpha, N, K)
+        assert torch.equal(y, eager)
+        check(y, reference(x, w, alpha))
