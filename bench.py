@@ -17,10 +17,18 @@ import math
 import os
 import statistics
 
+import time
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 import kernel
+from diffusion import Diffusion
+from model import SIZES, RMSNorm, TerDiT, TerDiTConfig
+from pack import PackedTernaryLinear
+from quant import TernaryLinear
+from sample import CUDAGraphed
 
 # (model, layer, K, N): the token-wise linears of TerDiT-600M / 4.2B and DiT-XL, plus the adaLN GEMVs
 SHAPES = [
@@ -104,11 +112,15 @@ def bench_kernels(args):
             y = kernel.ternary_matmul(x, packed, alpha, N, K)
             err = ((y.float() - ref).norm() / ref.norm()).item()
             tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K), n, args.reps)
+            fused = kernel._pick(M, N, K, torch.cuda.get_device_properties(dev).multi_processor_count)
+            dequant = M >= kernel.DEQUANT_MIN_M and K % 128 == 0 and N % 16 == 0  # what the dispatch chose
+            tf = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, config=fused), n,
+                            args.reps) if dequant else tk
             tc = time_graph(lambda i: F.linear(x, Wb[i % len(Wb)]), n, args.reps)
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             r = dict(model=model, layer=layer, K=K, N=N, M=M, kernel_us=tk, cublas_us=tc, speedup=tc / tk,
                      TBps=nbytes / tk / 1e6, TFLOPs=flops / tk / 1e6, cublas_TFLOPs=flops / tc / 1e6,
-                     rel_err=err, config="%s/cs%d" % kernel._pick(M, N, K, sms))
+                     rel_err=err, fused_us=tf, config="dequant+cuBLAS" if dequant else "%s/cs%d" % fused)
             rows.append(r)
             print("| %-6s %-8s | %5d x %5d | %5d | %8.2f | %8.2f | %5.2fx | %5.2f | %6.1f | %s | err %.1e" % (
                 model, layer, K, N, M, tk, tc, tc / tk, r["TBps"], r["TFLOPs"], r["config"], err), flush=True)
@@ -119,18 +131,152 @@ def bench_kernels(args):
 
 
 def markdown(rows, title):
-    out = [f"## {title}", "", "| model | layer | K | N | M | kernel us | cuBLAS us | speed-up | kernel TB/s "
-           "| kernel TFLOP/s | cuBLAS TFLOP/s | config |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [f"## {title}", "", "| model | layer | K | N | M | ternary us | cuBLAS us | speed-up | TB/s "
+           "| TFLOP/s | cuBLAS TFLOP/s | path | fused-only us |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append("| {model} | {layer} | {K} | {N} | {M} | {kernel_us:.2f} | {cublas_us:.2f} | {speedup:.2f}x | "
-                   "{TBps:.2f} | {TFLOPs:.1f} | {cublas_TFLOPs:.1f} | {config} |".format(**r))
+                   "{TBps:.2f} | {TFLOPs:.1f} | {cublas_TFLOPs:.1f} | {config} | {fused_us:.2f} |".format(**r))
     return "\n".join(out) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# end to end: one denoising step and a 250-step CFG sample at batch 1, packed 2-bit model vs bf16 model
+
+def random_pair(size, dev, gen):
+    """The same random ternary TerDiT (ImageNet-256 config: 32x32x4 latents, 1000 classes) twice: as a packed
+    model (PackedTernaryLinear, fused kernel) and as a plain bf16 model whose linears hold alpha * trits."""
+    cfg = TerDiTConfig(**SIZES[size], in_channels=4, num_classes=1000)
+    bf = TerDiT(replace(cfg, ternary=False), device="meta").to_empty(device=dev)
+    ternary = {}
+    with torch.no_grad():
+        for name, p in bf.named_parameters():
+            p.normal_(0, 0.02, generator=gen)
+        for name, m in bf.named_modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1)
+            if isinstance(m, TernaryLinear):  # the layers TerDiT makes ternary
+                trits = (torch.randint(0, 3, m.weight.shape, device=dev, generator=gen) - 1).to(torch.int8)
+                alpha = torch.full((1,), m.in_features ** -0.5, device=dev)
+                m.weight.copy_(alpha * trits)
+                ternary[name] = (kernel.pack_2bit(trits), alpha)
+        bf = bf.to(torch.bfloat16).eval()
+        packed = TerDiT(cfg, device="meta")
+        for name, (codes, alpha) in ternary.items():
+            src = bf.get_submodule(name)
+            layer = PackedTernaryLinear(src.in_features, src.out_features, src.bias is not None, codes.shape, device=dev)
+            layer.packed.copy_(codes)
+            layer.alphas.copy_(alpha)
+            if src.bias is not None:
+                layer.bias = torch.nn.Parameter(src.bias.detach().clone())
+            packed.set_submodule(name, layer)
+        rest = {k: v for k, v in bf.state_dict().items() if k.rsplit(".", 1)[0] not in ternary}
+        packed.load_state_dict(rest, strict=False, assign=True)
+    return packed.eval(), bf
+
+
+def nbytes(model):
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def bench_one_model(model, steps):
+    """(ms per denoising step from graph replays, s for a full `steps`-step CFG sample, peak GiB)."""
+    torch.cuda.reset_peak_memory_stats()
+    y = torch.tensor([207], device="cuda")  # batch 1; CFG doubles it: M = 2 x 256 tokens per linear
+    runner = CUDAGraphed(model)
+    x = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
+    t, yy = torch.full((2,), 500, device="cuda"), torch.cat([y, torch.full_like(y, 1000)])
+    runner.forward_with_cfg(x, t, yy, 4.0)  # capture
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        runner.forward_with_cfg(x, t, yy, 4.0)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        Diffusion().sample(runner, y, (4, 32, 32), cfg_scale=4.0, num_steps=steps, method="ddpm", clip_denoised=False,
+                           generator=torch.Generator(device="cuda").manual_seed(0))
+    torch.cuda.synchronize()
+    return statistics.median(times), time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_model(args):
+    dev, rows = torch.device("cuda"), []
+    for size in args.sizes.split(","):
+        gen = torch.Generator(device=dev).manual_seed(0)
+        packed, bf = random_pair(size, dev, gen)
+        x = torch.randn(2, 4, 32, 32, device=dev, dtype=torch.bfloat16, generator=gen)
+        t, y = torch.tensor([500, 500], device=dev), torch.tensor([3, 1000], device=dev)
+        with torch.no_grad():
+            a, b = packed(x, t, y).float(), bf(x, t, y).float()
+        err = ((a - b).norm() / b.norm()).item()
+        n_params = sum(p.numel() for p in bf.parameters())
+        sizes = dict(bf16_MB=nbytes(bf) / 1e6, packed_MB=nbytes(packed) / 1e6)
+        del bf
+        torch.cuda.empty_cache()
+        with torch.no_grad():
+            p_step, p_total, p_peak = bench_one_model(packed, args.steps)
+        del packed
+        torch.cuda.empty_cache()
+        bf = random_pair(size, dev, torch.Generator(device=dev).manual_seed(0))[1]
+        torch.cuda.empty_cache()
+        with torch.no_grad():
+            b_step, b_total, b_peak = bench_one_model(bf, args.steps)
+        del bf
+        torch.cuda.empty_cache()
+        r = dict(size=size, params_B=n_params / 1e9, rel_err=err, packed_step_ms=p_step, bf16_step_ms=b_step,
+                 packed_sample_s=p_total, bf16_sample_s=b_total, packed_peak_GiB=p_peak, bf16_peak_GiB=b_peak, **sizes)
+        print(r, flush=True)
+        rows.append(r)
+    out = ["## End to end: batch 1, CFG (M = 512 tokens per linear), random ternary weights", "",
+           f"| size | params | packed step ms | bf16 step ms | speed-up | packed {args.steps}-step sample s | "
+           f"bf16 sample s | packed peak GiB | bf16 peak GiB | packed weights MB | bf16 weights MB | rel. diff |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append("| {size} | {params_B:.2f}B | {packed_step_ms:.2f} | {bf16_step_ms:.2f} | {s:.2f}x | "
+                   "{packed_sample_s:.2f} | {bf16_sample_s:.2f} | {packed_peak_GiB:.2f} | {bf16_peak_GiB:.2f} | "
+                   "{packed_MB:.0f} | {bf16_MB:.0f} | {rel_err:.1e} |".format(s=r["bf16_step_ms"] / r["packed_step_ms"], **r))
+    return rows, "\n".join(out) + "\n"
+
+
+def bench_train(args):
+    """ms per optimizer step of train.py's inner loop: ternary QAT vs the full-precision twin, same size."""
+    dev, rows = torch.device("cuda"), []
+    for size in ("S",):
+        for ternary in (True, False):
+            torch.manual_seed(0)
+            model = TerDiT(TerDiTConfig(**SIZES[size], in_channels=1, ternary=ternary)).to(dev)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+            x, y = torch.randn(256, 1, 32, 32, device=dev), torch.randint(0, 10, (256,), device=dev)
+            times = []
+            for i in range(40):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = Diffusion().training_loss(model, x, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            rows.append(dict(size=size, ternary=ternary, step_ms=statistics.median(times[10:])))
+            print(rows[-1], flush=True)
+    q, f = rows[0]["step_ms"], rows[1]["step_ms"]
+    md = ("## Training step, TerDiT-S, batch 256 of 32x32x1, bf16 autocast (model + AdamW, no data loading)\n\n"
+          f"| QAT (ternary) ms | full precision ms | QAT overhead |\n|---|---|---|\n| {q:.1f} | {f:.1f} | {q / f:.2f}x |\n")
+    return rows, md
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("--what", default="kernels", choices=["kernels", "all"],  # the lead adds "model" here
-                   help="what to benchmark")
+    p.add_argument("--what", default="kernels", choices=["kernels", "model", "train", "all"],
+                   help="kernels: per-layer vs cuBLAS; model: end-to-end sampling; train: QAT step time")
+    p.add_argument("--sizes", default="600M,4.2B", help="model sizes for --what model")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps for --what model")
     p.add_argument("--out", default="bench_results/kernels.md", help="markdown output (a .json beside it)")
     p.add_argument("--m", default=",".join(map(str, MS)), help="comma-separated token counts M")
     p.add_argument("--reps", type=int, default=15, help="graph replays per timing (median taken)")
@@ -147,7 +293,14 @@ def main():
         results.update(kernels=rows, sweep=sweep, tuned={f"{k[0]}x{k[1]}": v for k, v in kernel._TUNED.items()})
         if args.sweep:
             print("_TUNED =", kernel._TUNED)
-    # ---- end-to-end sampling benchmark (bench_model, needs model.py / pack.py) goes here ----
+    if args.what in ("model", "all"):
+        rows, table = bench_model(args)
+        md += "\n" + table
+        results.update(model=rows)
+    if args.what in ("train", "all"):
+        rows, table = bench_train(args)
+        md += "\n" + table
+        results.update(train=rows)
     print("\n" + md)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -344,6 +344,64 @@ def _launch(x2, packed, alpha, y, N, K, name, cs):
         k((-(-nt16 * 16 // bn), -(-M // bm), cs), (nthr,), args, shared_mem=smem, stream=stream)
 
 
+# -----------------------------------------------------------------------------
+# large M: expand to a 16-bit workspace, then cuBLAS (wgmma). From M ~ 256 both paths are tensor-core bound,
+# and cuBLAS's wgmma (~780 TFLOP/s) beats our mma.sync (~360) by more than the extra pass costs: one read of
+# the 2-bit codes and one write of K*N 16-bit values (3072x3072: 2.4 + 18.9 MB, ~8 us), layer by layer into a
+# transient buffer (one layer's worth of memory, reused). Small M, where 2 bits pay, never takes this path.
+
+DEQUANT_MIN_M = 256
+
+_DEQUANT_SRC = r"""
+extern "C" __global__ void dequant(const unsigned int* __restrict__ packed, uint4* __restrict__ w,
+                                   int K, int words, unsigned int one) {
+    // one thread per 32-bit word = 16 codes of the tile layout (pack_2bit): word i = (Tn, Ck, g, t, wq),
+    // code j = (r0, s1, r1, h) at bit 2j; row n = 16 Tn + 8 h + g, column k = 128 Ck + 32 wq + 8 t + 4 s1 + 2 r1 + r0
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= words) return;
+    unsigned int word = packed[i];
+    int wq = i & 3, t = (i >> 2) & 3, g = (i >> 4) & 7, rest = i >> 7, ck_n = K >> 7;
+    int ck = rest % ck_n, tn = rest / ck_n;
+    for (int h = 0; h < 2; h++) {
+        unsigned int v[4];
+        for (int e = 0; e < 8; e += 2) {      // e = 4 s1 + 2 r1 + r0: 8 consecutive k, two per 32-bit store
+            unsigned int pair = 0;
+            for (int r0 = 0; r0 < 2; r0++) {
+                unsigned int q = (word >> (2 * (r0 * 8 + (e >> 2) * 4 + ((e >> 1) & 1) * 2 + h))) & 3u;
+                unsigned int bits = q == 1u ? 0u : (q == 2u ? one : (one | 0x8000u));
+                pair |= bits << (16 * r0);
+            }
+            v[e >> 1] = pair;
+        }
+        long n = 16L * tn + 8 * h + g, k = 128L * ck + 32 * wq + 8 * t;
+        w[(n * K + k) >> 3] = make_uint4(v[0], v[1], v[2], v[3]);
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _dequant_kernel(device):
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("kernel.py: call ternary_matmul once eagerly (to compile) before graph capture")
+    with cp.cuda.Device(device):
+        return cp.RawKernel(_DEQUANT_SRC, "dequant")
+
+
+def _dequant_matmul(x2, packed, alpha, N, K):
+    """alpha * (x2 @ W~^T) through a transient 16-bit copy of W~ (exact: -1, 0, 1) and cuBLAS."""
+    w = torch.empty(N, K, dtype=x2.dtype, device=x2.device)
+    words = N * K // 16
+    one = 0x3F80 if x2.dtype == torch.bfloat16 else 0x3C00
+    stream = _stream(torch.cuda.current_stream(x2.device).cuda_stream, x2.device.index)
+    with cp.cuda.Device(x2.device.index):
+        _dequant_kernel(x2.device.index)((-(-words // 256),), (256,), (
+            cp.uint64(packed.data_ptr()), cp.uint64(w.data_ptr()), cp.int32(K), cp.int32(words), cp.uint32(one)),
+            stream=stream)
+    y = F.linear(x2, w)
+    return torch.mul(y, alpha, out=y)  # alpha in float32, one rounding to x's dtype
+
+
 _warned = set()
 
 
@@ -355,7 +413,8 @@ def _warn_once(msg):
 
 def ternary_matmul(x, packed, alpha, N, K, config=None):
     """Y = alpha * (x @ W~^T) for x (..., K) -> (..., N) in x.dtype. Fused kernel on CUDA bf16/fp16 + cupy,
-    else the reference. config=(name, cluster_size) overrides the heuristic (benchmarks/tests only)."""
+    else the reference. From M = DEQUANT_MIN_M (K % 128 == 0, N % 16 == 0) a transient 16-bit copy + cuBLAS.
+    config=(name, cluster_size) or "dequant" overrides the choice (benchmarks/tests only)."""
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features, expected K={K}")
     if not x.is_cuda:
@@ -381,6 +440,8 @@ def ternary_matmul(x, packed, alpha, N, K, config=None):
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)
     M = x2.shape[0]
+    if (config == "dequant" or config is None and M >= DEQUANT_MIN_M) and K % 128 == 0 and N % 16 == 0:
+        return _dequant_matmul(x2, packed, alpha, N, K).view(*lead, N)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M > 0:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count

@@ -110,9 +110,13 @@ def test_kernel_matches_reference(dtype):
         x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
         alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
         poison_allocator(M * N * 2)
-        y = kernel.ternary_matmul(x, kernel.pack_2bit(w), alpha, N, K)
+        packed, ref = kernel.pack_2bit(w), reference(x, w, alpha)
+        y = kernel.ternary_matmul(x, packed, alpha, N, K)
         assert y.shape == (M, N) and y.dtype == dtype
-        check(y, reference(x, w, alpha))
+        check(y, ref)
+        if M >= kernel.DEQUANT_MIN_M:  # large M runs the dequant + cuBLAS path by default: check the fused one too
+            poison_allocator(M * N * 2)
+            check(kernel.ternary_matmul(x, packed, alpha, N, K, config=kernel._pick(M, N, K)), ref)
 
 
 @gpu
