@@ -20,7 +20,7 @@ def ckpt(tmp_path_factory):
 
 
 def draw(path, out, *extra):
-    sample.main(["--ckpt", path, "--classes", "0", "3", "9", "--num-steps", "6", "--out", out, *extra])
+    sample.main(["--ckpt", path, "--classes", "0", "3", "9", "--num-steps", "6", "--device", "cpu", "--out", out, *extra])
     return np.asarray(Image.open(out)).astype(np.int16)
 
 
