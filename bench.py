@@ -113,7 +113,7 @@ def bench_kernels(args):
             err = ((y.float() - ref).norm() / ref.norm()).item()
             tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K), n, args.reps)
             fused = kernel._pick(M, N, K, torch.cuda.get_device_properties(dev).multi_processor_count)
-            dequant = M >= kernel.DEQUANT_MIN_M and K % 128 == 0 and N % 16 == 0  # what the dispatch chose
+            dequant = kernel._use_dequant(M, N, K)  # what the dispatch chooses
             tf = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, config=fused), n,
                             args.reps) if dequant else tk
             tc = time_graph(lambda i: F.linear(x, Wb[i % len(Wb)]), n, args.reps)

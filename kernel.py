@@ -350,7 +350,11 @@ def _launch(x2, packed, alpha, y, N, K, name, cs):
 # the 2-bit codes and one write of K*N 16-bit values (3072x3072: 2.4 + 18.9 MB, ~8 us), layer by layer into a
 # transient buffer (one layer's worth of memory, reused). Small M, where 2 bits pay, never takes this path.
 
-DEQUANT_MIN_M = 256
+DEQUANT_MIN_M, DEQUANT_MIN_K = 512, 1152  # from bench.py's H100 table: below either, the fused kernel is faster
+
+
+def _use_dequant(M, N, K):
+    return M >= DEQUANT_MIN_M and K >= DEQUANT_MIN_K and K % 128 == 0 and N % 16 == 0
 
 _DEQUANT_SRC = r"""
 extern "C" __global__ void dequant(const unsigned int* __restrict__ packed, uint4* __restrict__ w,
@@ -413,7 +417,7 @@ def _warn_once(msg):
 
 def ternary_matmul(x, packed, alpha, N, K, config=None):
     """Y = alpha * (x @ W~^T) for x (..., K) -> (..., N) in x.dtype. Fused kernel on CUDA bf16/fp16 + cupy,
-    else the reference. From M = DEQUANT_MIN_M (K % 128 == 0, N % 16 == 0) a transient 16-bit copy + cuBLAS.
+    else the reference. From M = 512 (K >= 1152, K % 128 == 0, N % 16 == 0): a transient 16-bit copy + cuBLAS.
     config=(name, cluster_size) or "dequant" overrides the choice (benchmarks/tests only)."""
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features, expected K={K}")
@@ -440,7 +444,7 @@ def ternary_matmul(x, packed, alpha, N, K, config=None):
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)
     M = x2.shape[0]
-    if (config == "dequant" or config is None and M >= DEQUANT_MIN_M) and K % 128 == 0 and N % 16 == 0:
+    if config == "dequant" and K % 128 == 0 and N % 16 == 0 or config is None and _use_dequant(M, N, K):
         return _dequant_matmul(x2, packed, alpha, N, K).view(*lead, N)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M > 0:

@@ -114,7 +114,7 @@ def test_kernel_matches_reference(dtype):
         y = kernel.ternary_matmul(x, packed, alpha, N, K)
         assert y.shape == (M, N) and y.dtype == dtype
         check(y, ref)
-        if M >= kernel.DEQUANT_MIN_M:  # large M runs the dequant + cuBLAS path by default: check the fused one too
+        if kernel._use_dequant(M, N, K):  # large M runs the dequant + cuBLAS path by default: check the fused one too
             poison_allocator(M * N * 2)
             check(kernel.ternary_matmul(x, packed, alpha, N, K, config=kernel._pick(M, N, K)), ref)
 
