@@ -284,6 +284,8 @@ def main():
     p.add_argument("--cold-mb", type=float, default=120.0, help="MB of distinct weights rotated per shape")
     p.add_argument("--sweep", action="store_true", help="also time every candidate tile config")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench.py times GPU kernels and needs CUDA (and cupy for the fused kernel)")
     gpu = torch.cuda.get_device_name()
     print(f"device: {gpu}, torch {torch.__version__}, cupy {getattr(kernel.cp, '__version__', None)}")
     md, results = f"# Benchmarks on {gpu}\n\n", {"device": gpu}

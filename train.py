@@ -20,6 +20,7 @@ the same global batch compute the same step, and a resumed run continues exactly
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -69,12 +70,14 @@ class GlobalBatches(torch.utils.data.Sampler):
         self.n, self.G, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
         self.start_step, self.max_steps = start_step, max_steps
 
+    @functools.lru_cache(maxsize=2)
+    def perm(self, epoch):
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+
     def indices(self, step):
         pos = step * self.G + torch.arange(self.G)
         epochs, pos = pos // self.n, pos % self.n
-        perms = {int(e): torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + int(e)))
-                 for e in epochs.unique()}
-        idx = torch.stack([perms[int(e)][p] for e, p in zip(epochs, pos)])
+        idx = torch.stack([self.perm(int(e))[p] for e, p in zip(epochs, pos)])
         share = self.G // self.world
         return idx[self.rank * share:(self.rank + 1) * share].tolist()
 
