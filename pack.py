@@ -174,10 +174,12 @@ def write_packed(path, config, step, encoded, trits_per_byte):
     index_bytes = json.dumps(index).encode()
     crc = zlib.crc32(data, zlib.crc32(index_bytes))
     header = HEADER.pack(MAGIC, FORMAT_VERSION, trits_per_byte, len(index_bytes), len(data), crc)
-    with open(path, "wb") as f:
+    tmp = path + ".tmp"  # written aside, then renamed: a crash never leaves a half-written packed file
+    with open(tmp, "wb") as f:
         f.write(header + index_bytes)
         f.write(bytes(_align(f.tell()) - f.tell()))  # zero padding up to the data section
         f.write(data)
+    os.replace(tmp, path)
     return os.path.getsize(path)
 
 
