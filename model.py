@@ -38,6 +38,7 @@ class TerDiTConfig:
     qk_norm: bool = True        # LayerNorm on q and k (optional in Large-DiT; on here for QAT stability)
     ternary: bool = True        # False gives the full-precision twin the paper compares against
     adaln_norm: bool = True     # the paper's RMSNorm after the adaLN linear (False = the Fig. 7/8 ablation)
+    pos_embed: bool = False     # DiT's fixed 2-D sin-cos position embedding; not in the reference (see below)
 
 
 # Sizes: tiny is for CPU tests, XS for the shipped demo (it samples on a laptop CPU); S and B are DiT-S/B widths; 600M and 4.2B are the paper's two ImageNet models
@@ -80,6 +81,19 @@ def rope(T, head_dim, device, theta=10000.0):
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), freqs)  # (T, hd/2)
     return angles.cos(), angles.sin()
+
+
+def sincos_pos_embed(dim, h, w, device):
+    """DiT's fixed 2-D sin-cos position embedding (MAE), (h*w, dim): dim/2 channels encode the row, dim/2 the column.
+
+    Not in the reference, whose only position signal is the 1-D RoPE, which is relative: a token cannot tell where
+    in the image it sits. On ImageNet with long training that works; on our short small-scale runs it left
+    garments smeared into streaks, so the study (README) trains with --pos-embed and shows the difference."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim / 4))  # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                                torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    out = [torch.outer(pos.flatten(), omega) for pos in (rows, cols)]  # 2 x (T, D/4)
+    return torch.cat([f(a) for a in out for f in (torch.sin, torch.cos)], dim=1)  # (T, D)
 
 
 def apply_rope(x, cos, sin):
@@ -261,6 +275,8 @@ class TerDiT(nn.Module):
             raise ValueError(f"input of shape {tuple(x.shape)} does not fit this model "
                              f"({self.config.in_channels} channels, sides divisible by {p})")
         h = self.x_embedder(self.patchify(x))       # (N, T, D)
+        if self.config.pos_embed:
+            h = h + sincos_pos_embed(self.config.dim, H // p, W // p, x.device).to(h.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (N, cond_dim)
         cos, sin = rope(h.shape[1], self.config.dim // self.config.n_heads, x.device)
         for block in self.layers:

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import RMSNorm, build_model
+from model import RMSNorm, build_model, sincos_pos_embed
 from quant import TernaryLinear
 
 
@@ -59,6 +59,19 @@ def test_adaln_rmsnorm_switch():
     g = on.layers[0].adaLN_modulation[2].weight
     torch.testing.assert_close((a / g).pow(2).mean(-1), torch.ones(2), rtol=1e-3, atol=1e-3)  # unit RMS, then gain
     assert not torch.allclose(a, b)
+
+
+def test_pos_embed_tells_rows_and_columns_apart():
+    pe = sincos_pos_embed(64, 4, 5, "cpu").view(4, 5, 64)  # (rows, cols, D)
+    row_half, col_half = pe[..., :32], pe[..., 32:]
+    assert torch.equal(row_half, row_half[:, :1].expand_as(row_half))  # the row half is constant along a row
+    assert torch.equal(col_half, col_half[:1].expand_as(col_half))    # the column half down a column
+    assert torch.cdist(pe.view(20, 64), pe.view(20, 64)).add(torch.eye(20)).min() > 0.1  # every token distinct
+    on, off = tiny(pos_embed=True), tiny()
+    off.load_state_dict(on.state_dict())  # a fixed function of the grid: no parameters, same checkpoint keys
+    randomize_(on), off.load_state_dict(on.state_dict())
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([5, 500]), torch.tensor([1, 2])
+    assert not torch.allclose(on(x, t, y), off(x, t, y))
 
 
 def test_which_layers_are_ternary():
