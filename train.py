@@ -6,7 +6,8 @@ CPU or one GPU, no arguments: a tiny ternary model on the embedded Fashion-MNIST
 The paper's 600M model on ImageNet latents, 8 GPUs (sd-vae-ft-ema in a local folder, ImageNet in class folders):
     torchrun --standalone --nproc_per_node=8 train.py --size 600M --data /data/imagenet/train --vae /models/sd-vae-ft-ema \
         --image-size 256 --global-batch-size 256 --max-steps 400000 --out-dir out/600M
-Resume after a crash or a stop: the same command plus --resume.
+Resume after a crash or a stop: the same command plus --resume. The 4.2B model does not fit DDP on 80 GB GPUs
+(fp32 weights, gradients, Adam and EMA: ~85 GB per GPU); add --fsdp to shard them over the GPUs.
 
 Recipe (DiT and the TerDiT paper): AdamW, lr 1e-4, no weight decay, EMA 0.9999, global batch 256, bf16 autocast
 on GPU, gradient clipping at 2 (Large-DiT), and the learning rate divided by 10 late in training (the paper's
@@ -31,6 +32,9 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -46,6 +50,8 @@ def get_args(argv=None):
     p.add_argument("--image-size", type=int, default=32, help="image side in pixels (paper: 256 with --vae)")
     p.add_argument("--fp", action="store_true", help="train the full-precision twin instead of the ternary model")
     p.add_argument("--no-adaln-norm", action="store_true", help="drop the RMSNorm after the adaLN linear (paper's ablation)")
+    p.add_argument("--pos-embed", action="store_true", help="add DiT's 2-D sin-cos position embedding (not in the reference; the demo uses it)")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard weights, gradients, Adam state and EMA over the ranks (FSDP2) instead of DDP")
     p.add_argument("--global-batch-size", type=int, default=32, help="images per optimizer step over all ranks (paper: 256)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="images per forward pass per rank; default: all of the rank's share")
     p.add_argument("--max-steps", type=int, default=400, help="optimizer steps to train for")
@@ -103,13 +109,14 @@ def update_ema(ema, model, decay):
 
 
 @torch.no_grad()
-def sample_grid(ema, cfg, vae, device, path, autocast):
+def sample_grid(ema, cfg, vae, device, path, autocast, save):
     y = torch.arange(16, device=device) % cfg.num_classes
     with autocast:
         x = Diffusion().sample(ema.eval(), y, (cfg.in_channels, cfg.input_size, cfg.input_size), cfg_scale=4.0,
                                num_steps=50, method="ddim", clip_denoised=vae is None,
                                generator=torch.Generator(device=device).manual_seed(0))
-    data.save_grid(vae.decode(x) if vae else x, path, nrow=8)
+    if save:
+        data.save_grid(vae.decode(x) if vae else x, path, nrow=8)
 
 
 def main(argv=None):
@@ -156,26 +163,37 @@ def main(argv=None):
             raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
         cfg = TerDiTConfig(**SIZES[args.size], input_size=args.image_size // 8 if vae else args.image_size,
                            in_channels=4 if vae else dataset.channels, num_classes=len(dataset.class_names),
-                           ternary=not args.fp, adaln_norm=not args.no_adaln_norm)
-    model = TerDiT(cfg).to(device)
+                           ternary=not args.fp, adaln_norm=not args.no_adaln_norm, pos_embed=args.pos_embed)
+    if args.fsdp and not ddp:
+        raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node=N")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank: FSDP shards them without a broadcast
+    model = TerDiT(cfg, device=device)  # built in place: a 4.2B model initialises in seconds on a GPU
     ema = copy.deepcopy(model).requires_grad_(False)
+    if args.fsdp:  # FSDP2: one all-gather per block in forward and backward, a reduce-scatter of its gradients
+        for m in (model, ema):
+            for block in m.layers:
+                fully_shard(block)
+            fully_shard(m)
+        register_fsdp_forward_method(ema, "forward_with_cfg")  # sampling enters through it, not __call__
+    torch.manual_seed(args.seed + rank)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
     step = 0
-    if args.resume:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+    if args.resume:  # checkpoints hold full (unsharded) tensors, so any world size or mode can resume any run
+        into = StateDictOptions(full_state_dict=args.fsdp)
+        set_model_state_dict(model, ckpt["model"], options=into)
+        set_model_state_dict(ema, ckpt["ema"], options=into)
+        set_optimizer_state_dict(model, opt, ckpt["opt"], options=into)
         step = ckpt["step"]
         log(f"resumed from {ckpt_path} at step {step}")
         del ckpt
     raw_model = model
-    if ddp:
+    if ddp and not args.fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     diffusion = Diffusion()
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"TerDiT-{args.size} ({'ternary' if cfg.ternary else 'full precision'}, adaLN RMSNorm "
         f"{'on' if cfg.adaln_norm else 'off'}): {n_params / 1e6:.2f}M parameters, {len(dataset)} images, "
-        f"{world} process(es) on {device.type}, global batch {G} = {world} x {accum} x {micro}")
+        f"{world} process(es) on {device.type}{' (FSDP)' if args.fsdp else ''}, global batch {G} = {world} x {accum} x {micro}")
     if master_process:
         os.makedirs(args.out_dir, exist_ok=True)
 
@@ -204,8 +222,8 @@ def main(argv=None):
         model.train()
         for m in range(accum):
             mb = slice(m * micro, (m + 1) * micro)
-            if ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = m == accum - 1
+            if ddp and not args.fsdp:  # all-reduce gradients only on the last micro-step (FSDP reduces each one:
+                model.require_backward_grad_sync = m == accum - 1  # unsharded gradients would undo its savings)
             with autocast:
                 loss = diffusion.training_loss(model, x[mb], y[mb], t[mb], noise[mb], drop[mb]) / accum
             loss.backward()
@@ -236,19 +254,30 @@ def main(argv=None):
                     f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": sps}) + "\n")
             loss_sum.zero_()
             loss_count, t_log = 0, time.time()
-        if master_process and ckpt_now:
-            save_checkpoint({"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                             "step": step, "model_config": asdict(cfg), "args": vars(args)}, ckpt_path)
-        if master_process and (last or (args.sample_every and step % args.sample_every == 0)):
-            sample_grid(ema, cfg, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast)
-    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        if ckpt_now:  # every rank takes part (FSDP gathers the shards); rank 0 receives the full tensors on CPU
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = {"model": get_model_state_dict(raw_model, options=full), "ema": get_model_state_dict(ema, options=full),
+                     "opt": get_optimizer_state_dict(raw_model, opt, options=full)}
+            if master_process:
+                save_checkpoint({**state, "step": step, "model_config": asdict(cfg), "args": vars(args)}, ckpt_path)
+            del state
+        if last or (args.sample_every and step % args.sample_every == 0):  # all ranks: the EMA may be sharded
+            sample_grid(ema, cfg, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast,
+                        save=master_process)
+    peak = ""
+    if device.type == "cuda":
+        mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+        mems = [torch.zeros_like(mem) for _ in range(world)]
+        dist.all_gather(mems, mem) if ddp else mems[0].copy_(mem)
+        peak = f", peak GPU memory per rank {', '.join(f'{m.item():.2f}' for m in mems)} GiB"
     log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min{peak}, checkpoint {ckpt_path}")
-    if ddp:  # DDP keeps replicas identical by construction; check it (one checksum per parameter tensor)
+    if ddp and not args.fsdp:  # DDP keeps replicas identical by construction; check it (one checksum per tensor)
         sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
         lo, hi = sums.clone(), sums.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         log(f"weights identical on all {world} ranks: {'yes' if torch.equal(lo, hi) else 'NO'}")
+    if ddp:
         dist.destroy_process_group()
 
 
