@@ -133,6 +133,7 @@ def main(argv=None):
         rank, world = 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     master_process = rank == 0
+    gathers = master_process or args.fsdp  # ranks that checkpoint and sample: all of them when FSDP holds shards
     log = print if master_process else (lambda *a, **k: None)
     torch.manual_seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -254,21 +255,22 @@ def main(argv=None):
                     f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": sps}) + "\n")
             loss_sum.zero_()
             loss_count, t_log = 0, time.time()
-        if ckpt_now:  # every rank takes part (FSDP gathers the shards); rank 0 receives the full tensors on CPU
+        if ckpt_now and gathers:  # rank 0 receives the full tensors on CPU
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state = {"model": get_model_state_dict(raw_model, options=full), "ema": get_model_state_dict(ema, options=full),
                      "opt": get_optimizer_state_dict(raw_model, opt, options=full)}
             if master_process:
                 save_checkpoint({**state, "step": step, "model_config": asdict(cfg), "args": vars(args)}, ckpt_path)
             del state
-        if last or (args.sample_every and step % args.sample_every == 0):  # all ranks: the EMA may be sharded
+        if gathers and (last or (args.sample_every and step % args.sample_every == 0)):
             sample_grid(ema, cfg, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast,
                         save=master_process)
     peak = ""
     if device.type == "cuda":
-        mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
-        mems = [torch.zeros_like(mem) for _ in range(world)]
-        dist.all_gather(mems, mem) if ddp else mems[0].copy_(mem)
+        mems = [torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)]
+        if ddp:
+            mine, mems = mems[0], [torch.empty_like(mems[0]) for _ in range(world)]
+            dist.all_gather(mems, mine)
         peak = f", peak GPU memory per rank {', '.join(f'{m.item():.2f}' for m in mems)} GiB"
     log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min{peak}, checkpoint {ckpt_path}")
     if ddp and not args.fsdp:  # DDP keeps replicas identical by construction; check it (one checksum per tensor)

@@ -15,8 +15,7 @@ FAST = ["--size", "tiny", "--image-size", "16", "--log-every", "1", "--sample-ev
 
 
 def states(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return ckpt
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_weights(a, b, atol):
