@@ -133,7 +133,7 @@ def main(argv=None):
         rank, world = 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     master_process = rank == 0
-    gathers = master_process or args.fsdp  # ranks that checkpoint and sample: all of them when FSDP holds shards
+    samples = master_process or args.fsdp  # ranks that sample grids: all of them when FSDP shards the EMA
     log = print if master_process else (lambda *a, **k: None)
     torch.manual_seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -255,14 +255,14 @@ def main(argv=None):
                     f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": sps}) + "\n")
             loss_sum.zero_()
             loss_count, t_log = 0, time.time()
-        if ckpt_now and gathers:  # rank 0 receives the full tensors on CPU
+        if ckpt_now:  # every rank calls these (they are collectives); rank 0 receives the full tensors on CPU
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state = {"model": get_model_state_dict(raw_model, options=full), "ema": get_model_state_dict(ema, options=full),
                      "opt": get_optimizer_state_dict(raw_model, opt, options=full)}
             if master_process:
                 save_checkpoint({**state, "step": step, "model_config": asdict(cfg), "args": vars(args)}, ckpt_path)
             del state
-        if gathers and (last or (args.sample_every and step % args.sample_every == 0)):
+        if samples and (last or (args.sample_every and step % args.sample_every == 0)):
             sample_grid(ema, cfg, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast,
                         save=master_process)
     peak = ""
