@@ -280,6 +280,7 @@ def main(argv=None):
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         log(f"weights identical on all {world} ranks: {'yes' if torch.equal(lo, hi) else 'NO'}")
     if ddp:
+        del model  # DDP's reducer must go before its process group (else teardown can hang under gloo)
         dist.destroy_process_group()
 
 
