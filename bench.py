@@ -2,6 +2,7 @@
 Benchmarks: the fused ternary kernel (kernel.py) against cuBLAS bf16 F.linear on the same ternary values.
 
     python bench.py --what kernels --out bench_results/kernels_h100.md
+    python bench.py --what train --out bench_results/train_h200.md   # train.py's step: MFU, memory, compile
     python bench.py --what kernels --sweep     # first time every candidate tile config / cluster split per row,
                                                # use the fastest, print the table to paste as kernel._TUNED
 
@@ -12,6 +13,7 @@ served from the 50 MB L2 -- as in a real forward pass, where every layer's weigh
 (never zeros). TB/s counts the bytes each call must move (packed weights + X + Y); TFLOP/s = 2*M*K*N/t.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,6 +29,7 @@ import kernel
 from diffusion import Diffusion
 from model import SIZES, RMSNorm, TerDiT, TerDiTConfig
 from pack import PackedTernaryLinear
+import quant
 from quant import TernaryLinear
 from sample import CUDAGraphed
 
@@ -242,33 +245,139 @@ def bench_model(args):
     return rows, "\n".join(out) + "\n"
 
 
+# -----------------------------------------------------------------------------
+# training: train.py's step (forward + loss, backward, grad clip, fused AdamW, EMA) in the ImageNet-256 latent
+# shape, ternary QAT vs the full-precision twin, eager vs compiled as train.py compiles (block by block)
+
+TRAIN_RUNS = [("600M", 64), ("4.2B", 16), ("4.2B", 32)]  # (size, batch) on one GPU
+PEAK_TFLOPS = 989.0  # dense bf16 peak of an H100/H200 SXM (datasheet): MFU's denominator
+
+
+def kernel_category(name):
+    """Coarse bucket of a CUDA kernel name, to say where a training step's time goes."""
+    n = name.lower()
+    for key, cat in (("flash", "attention"), ("fmha", "attention"), ("cudnn", "attention"), ("adam", "optimizer"),
+                     ("multi_tensor", "optimizer"), ("foreach", "optimizer"), ("nvjet", "matmul"), ("gemm", "matmul"),
+                     ("xmma", "matmul"), ("cutlass", "matmul"), ("triton", "fused elementwise (inductor)"),
+                     ("reduce", "reductions / norms"), ("norm", "reductions / norms"), ("elementwise", "elementwise (eager)"),
+                     ("copy", "copies / casts"), ("memcpy", "copies / casts"), ("memset", "copies / casts")):
+        if key in n:
+            return cat
+    return "other"
+
+
+def profile_step(step, n=3):
+    """ms of CUDA kernel time per step by category (torch.profiler over n steps)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    cats, kernels = {}, []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.device_type.name == "CUDA":
+            c = kernel_category(e.key)
+            cats[c] = cats.get(c, 0.0) + t / 1e3 / n
+            kernels.append((t / 1e3 / n, e.key[:90]))
+    return dict(sorted(cats.items(), key=lambda kv: -kv[1])), sorted(kernels, reverse=True)[:15]
+
+
+@contextlib.contextmanager
+def swap(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
 def bench_train(args):
-    """ms per optimizer step of train.py's inner loop: ternary QAT vs the full-precision twin, same size."""
+    import train  # train.py's own pieces: compile_blocks, update_ema
     dev, rows = torch.device("cuda"), []
-    for size in ("S",):
+    runs = [(s, int(b)) for s, b in (r.split(":") for r in args.train_runs.split(","))]
+    for size, batch in runs:
         for ternary in (True, False):
-            torch.manual_seed(0)
-            model = TerDiT(TerDiTConfig(**SIZES[size], in_channels=1, ternary=ternary)).to(dev)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-            x, y = torch.randn(256, 1, 32, 32, device=dev), torch.randint(0, 10, (256,), device=dev)
-            times = []
-            for i in range(40):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = Diffusion().training_loss(model, x, y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            rows.append(dict(size=size, ternary=ternary, step_ms=statistics.median(times[10:])))
-            print(rows[-1], flush=True)
-    q, f = rows[0]["step_ms"], rows[1]["step_ms"]
-    md = ("## Training step, TerDiT-S, batch 256 of 32x32x1, bf16 autocast (model + AdamW, no data loading)\n\n"
-          f"| QAT (ternary) ms | full precision ms | QAT overhead |\n|---|---|---|\n| {q:.1f} | {f:.1f} | {q / f:.2f}x |\n")
-    return rows, md
+            first = (size, batch) == runs[0] and ternary  # reference rows, once: the composed quantizer, whole-model compile
+            eager = next(b for s, b in runs if s == size) == batch  # eager rows at a size's first batch only
+            for mode in (("eager",) if eager else ()) + (("eager, composed QAT",) if first else ()) + ("compiled",) + \
+                    (("compiled whole model",) if first else ()):
+                torch.manual_seed(0)
+                cfg = TerDiTConfig(**SIZES[size], in_channels=4, num_classes=1000, ternary=ternary)
+                model = TerDiT(cfg, device=dev)
+                ema = TerDiT(cfg, device="meta").to_empty(device=dev).requires_grad_(False)
+                ema.load_state_dict(model.state_dict())
+                if mode == "compiled":
+                    train.compile_blocks(model)
+                forward = torch.compile(model) if mode == "compiled whole model" else model
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)
+                gen = torch.Generator(device=dev).manual_seed(0)
+                x = torch.randn(batch, 4, 32, 32, device=dev, generator=gen)
+                y = torch.randint(0, 1000, (batch,), device=dev, generator=gen)
+                t = torch.randint(0, 1000, (batch,), device=dev, generator=gen)
+                noise = torch.randn(batch, 4, 32, 32, device=dev, generator=gen)
+                diffusion = Diffusion()
+
+                def step():
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        if mode == "eager, composed QAT":  # F.linear(x, α·STE(W), b): autograd keeps W̃ and α·W̃
+                            with swap(quant.TernaryLinearFn, "apply", quant.ternary_linear_ref):
+                                loss = diffusion.training_loss(forward, x, y, t, noise)
+                        else:
+                            loss = diffusion.training_loss(forward, x, y, t, noise)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    train.update_ema(ema, model, 0.9999)
+
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()  # compiles
+                torch.cuda.synchronize()
+                first_s = time.perf_counter() - t0
+                for _ in range(3):
+                    step()
+                torch.cuda.reset_peak_memory_stats()
+                times = []
+                for _ in range(args.train_steps):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    step()
+                    b.record()
+                    b.synchronize()
+                    times.append(a.elapsed_time(b))
+                ms = statistics.median(times)
+                n_params = sum(p.numel() for p in model.parameters())
+                r = dict(size=size, batch=batch, ternary=ternary, mode=mode, step_ms=ms, img_s=batch / ms * 1e3,
+                         mfu=6 * n_params * 256 * batch / (ms / 1e3) / (PEAK_TFLOPS * 1e12),
+                         peak_GiB=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_s,
+                         spread_ms=max(times) - min(times), params_B=n_params / 1e9,
+                         graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])
+                if mode != "eager" and ternary:
+                    r["profile_ms"], r["top_kernels_ms"] = profile_step(step)
+                print(r, flush=True)
+                rows.append(r)
+                del model, ema, forward, opt, step
+                torch._dynamo.reset()
+                torch._dynamo.utils.counters.clear()
+                torch.cuda.empty_cache()
+    md = ["## Training step: train.py's step (fwd + loss, bwd, clip 2, fused AdamW, EMA), 4x32x32 latents, "
+          "1000 classes, bf16 autocast", "",
+          "| size | batch | weights | mode | ms/step | img/s | MFU | peak GiB | first step s | QAT / FP | graphs |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fp = next((f["step_ms"] for f in rows if (f["size"], f["batch"], f["mode"]) == (r["size"], r["batch"], r["mode"])
+                   and not f["ternary"]), None)
+        md.append("| {size} | {batch} | {w} | {mode} | {step_ms:.1f} | {img_s:.0f} | {m:.1f}% | {peak_GiB:.1f} | "
+                  "{first_step_s:.1f} | {q} | {graphs} |".format(w="ternary" if r["ternary"] else "full precision", m=100 * r["mfu"],
+                                                      q=f"{r['step_ms'] / fp:.2f}x" if r["ternary"] and fp else "", **r))
+    for r in rows:
+        if "profile_ms" in r:
+            md.append(f"\nkernel time per step, {r['size']} ternary {r['mode']} (ms): " +
+                      ", ".join(f"{k} {v:.1f}" for k, v in r["profile_ms"].items()))
+    return rows, "\n".join(md) + "\n"
 
 
 def main():
@@ -277,6 +386,8 @@ def main():
                    help="kernels: per-layer vs cuBLAS; model: end-to-end sampling; train: QAT step time")
     p.add_argument("--sizes", default="600M,4.2B", help="model sizes for --what model")
     p.add_argument("--steps", type=int, default=250, help="sampling steps for --what model")
+    p.add_argument("--train-runs", default=",".join(f"{s}:{b}" for s, b in TRAIN_RUNS), help="size:batch pairs for --what train")
+    p.add_argument("--train-steps", type=int, default=15, help="timed steps per training run (median taken)")
     p.add_argument("--out", default="bench_results/kernels.md", help="markdown output (a .json beside it)")
     p.add_argument("--m", default=",".join(map(str, MS)), help="comma-separated token counts M")
     p.add_argument("--reps", type=int, default=15, help="graph replays per timing (median taken)")

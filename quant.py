@@ -28,6 +28,19 @@ never move. The STE (Bengio et al. 2013) pretends, in the backward pass only, th
 dL/dW̃ back to W unchanged. The forward pass stays exactly ternary; the latent weights accumulate the small
 updates until an entry crosses a threshold and its trit flips. That is the whole trick.
 
+What a QAT layer costs in memory
+--------------------------------
+Written as autograd composes it, `F.linear(x, α · STE(W), b)` keeps two extra copies of every weight alive
+from forward to backward: W̃ in float32 (for dL/dα) and α·W̃ in bf16 (for dL/dx) - 6 bytes per parameter,
+~25 GB at 4.2B, on top of the weights, gradients and Adam state. Both are cheap to rebuild from W, which is
+kept anyway, so `TernaryLinearFn` saves only x, W and α and recomputes W̃ in backward (a few reads of W
+per step, nothing next to the matmuls). Its backward is the chain rule written out, W_Q = α·W̃:
+
+    dL/dx = g · W_Q          dL/dW_Q = gᵀ · x          dL/dW = α · dL/dW_Q   (STE: dW̃/dW := 1)
+    dL/dα = Σ dL/dW_Q ⊙ W̃    dL/db = Σ_tokens g
+
+the same numbers autograd computes for the composed form (tests/test_quant.py checks it).
+
 At deployment the latent weights are thrown away: `export_ternary` returns each layer's trits (int8) and α,
 which pack.py stores in 2 bits each and kernel.py multiplies without ever expanding them to 16 bits.
 """
@@ -57,6 +70,36 @@ class TernarySTE(torch.autograd.Function):
         return grad_output
 
 
+def ternary_linear_ref(x, w, alpha, bias=None):
+    """The composed form autograd differentiates for us: the plain reference TernaryLinearFn is tested against."""
+    return F.linear(x, alpha * TernarySTE.apply(w), bias)
+
+
+class TernaryLinearFn(torch.autograd.Function):
+    """y = x · (α W̃)ᵀ + b with the STE, saving x, W and α only: W̃ is recomputed in backward (see above).
+
+    x arrives in the compute dtype (bf16 under autocast); W and α stay in their own (float32) dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w, alpha, bias):
+        ctx.save_for_backward(x, w, alpha)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        w_q = (alpha * ternarize(w.float())[0]).to(x.dtype)
+        return F.linear(x, w_q, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, alpha = ctx.saved_tensors
+        trits = ternarize(w.float())[0]                    # recomputed, not stored
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, N), (M, K)
+        grad_x = (g2 @ (alpha * trits).to(g.dtype)).view_as(x) if ctx.needs_input_grad[0] else None
+        grad_wq = (g2.t() @ x2).float()                    # dL/dW_Q, (N, K)
+        grad_w = (grad_wq * alpha).to(w.dtype)             # STE: straight through the rounding
+        grad_alpha = (grad_wq * trits).sum().reshape(1).to(alpha.dtype)
+        grad_b = None if ctx.bias_dtype is None else g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_alpha, grad_b
+
+
 class TernaryLinear(nn.Linear):
     """Drop-in nn.Linear with a ternary forward pass: y = x · (α W̃)ᵀ + b.
 
@@ -75,7 +118,9 @@ class TernaryLinear(nn.Linear):
     def forward(self, x):
         if not self.ternary:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(x, self.alphas * TernarySTE.apply(self.weight), self.bias)
+        if torch.is_autocast_enabled(x.device.type):  # compute where nn.Linear would: in autocast's dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return TernaryLinearFn.apply(x, self.weight, self.alphas, self.bias)
 
     def extra_repr(self):
         return super().extra_repr() + f", ternary={self.ternary}"

@@ -3,7 +3,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant import EPS, TernaryLinear, TernarySTE, export_ternary, ternarize
+import pytest
+
+from quant import EPS, TernaryLinear, TernaryLinearFn, TernarySTE, export_ternary, ternarize, ternary_linear_ref
 
 
 def test_ternarize_matches_eq1():
@@ -65,3 +67,78 @@ def test_export_ternary():
     assert set(trits.unique().tolist()) <= {-1, 0, 1}
     assert torch.equal(trits.float(), ternarize(layer.weight.detach())[0])
     assert torch.equal(alpha, layer.alphas.detach())
+
+
+def _grads(fn, x, w, alpha, bias, g):
+    x, w, alpha = (t.detach().clone().requires_grad_() for t in (x, w, alpha))
+    bias = None if bias is None else bias.detach().clone().requires_grad_()
+    y = fn(x, w, alpha, bias)
+    y.backward(g.to(y.dtype))
+    return [y] + [t.grad for t in (x, w, alpha, bias) if t is not None]
+
+
+@pytest.mark.parametrize("dtype,shape,bias", [(torch.float64, (3, 5, 40), True), (torch.float32, (7, 33), False),
+                                              (torch.float32, (2, 9, 24), True)])
+def test_lean_function_matches_composed_autograd(dtype, shape, bias):
+    """TernaryLinearFn's hand-written backward == autograd through F.linear(x, α·STE(W), b): same numbers."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    K, N = shape[-1], 24
+    x = torch.randn(*shape, generator=gen, dtype=dtype)
+    w, alpha = torch.randn(N, K, generator=gen, dtype=dtype), torch.rand(1, generator=gen, dtype=dtype) + 0.1
+    b = torch.randn(N, generator=gen, dtype=dtype) if bias else None
+    g = torch.randn(*shape[:-1], N, generator=gen, dtype=dtype)
+    for new, ref in zip(_grads(TernaryLinearFn.apply, x, w, alpha, b, g), _grads(ternary_linear_ref, x, w, alpha, b, g)):
+        torch.testing.assert_close(new, ref, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
+
+
+def test_lean_layer_matches_composed_autograd_under_bf16_autocast():
+    """As train.py runs it: fp32 latent weights, bf16 autocast. The layer's gradients equal the composed form's."""
+    torch.manual_seed(0)
+    layer = TernaryLinear(64, 48)
+    x, g = torch.randn(4, 16, 64), torch.randn(4, 16, 48)
+
+    def run(forward):
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = forward(xx)
+        y.backward(g.to(y.dtype))
+        return [y, xx.grad, layer.weight.grad, layer.alphas.grad, layer.bias.grad]
+
+    new = run(layer)
+    ref = run(lambda xx: ternary_linear_ref(xx, layer.weight, layer.alphas, layer.bias))
+    assert new[0].dtype == ref[0].dtype == torch.bfloat16
+    for a, b in zip(new, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_layer_keeps_no_copy_of_the_weight_for_backward():
+    """Between forward and backward the only weight-sized tensor kept is the latent weight itself (the composed
+    form keeps W̃ in fp32 and α·W̃ as well: 6 bytes per parameter under autocast)."""
+    layer = TernaryLinear(256, 128)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(2, 256, requires_grad=True)).sum()
+    big = [t for t in saved if t.numel() >= layer.weight.numel()]
+    assert big and all(t.data_ptr() == layer.weight.data_ptr() for t in big)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ternary_linear_ref(torch.randn(2, 256, requires_grad=True), layer.weight, layer.alphas, layer.bias).sum()
+    assert any(t.numel() >= layer.weight.numel() and t.data_ptr() != layer.weight.data_ptr() for t in saved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 autocast as train.py runs it)")
+def test_lean_layer_matches_composed_autograd_on_cuda():
+    torch.manual_seed(0)
+    layer = TernaryLinear(1536, 512, device="cuda")
+    x, g = torch.randn(8, 256, 1536, device="cuda"), torch.randn(8, 256, 512, device="cuda")
+    out = []
+    for forward in (layer, lambda xx: ternary_linear_ref(xx, layer.weight, layer.alphas, layer.bias)):
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = forward(xx)
+        y.backward(g.to(y.dtype))
+        out.append([y, xx.grad, layer.weight.grad, layer.alphas.grad, layer.bias.grad])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
