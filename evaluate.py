@@ -160,6 +160,7 @@ def adaln_stats(model, x0, y, timesteps=(50, 250, 500, 750, 950), seed=0):
     over a forward pass at each timestep, via forward hooks. (adaLN sees only c = t_emb + y_emb, not the image.)"""
     diff, g = Diffusion(), torch.Generator(x0.device).manual_seed(seed)
     rows, current, hooks = [], {}, []
+    fused, model.fused_adaln = model.fused_adaln, None  # a packed model's fused adaLN would bypass the hooks
     for i, block in enumerate(model.layers):
         for stage, k in (("linear", 1), ("norm", 2)):
             if not isinstance(block.adaLN_modulation[k], nn.Identity):
@@ -176,6 +177,7 @@ def adaln_stats(model, x0, y, timesteps=(50, 250, 500, 750, 950), seed=0):
     finally:
         for h in hooks:
             h.remove()
+        model.fused_adaln = fused
     return rows
 
 

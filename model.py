@@ -14,6 +14,7 @@ final layer. That is 99% of the parameters of the 600M and 4.2B models in 2 bits
 """
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -201,8 +202,15 @@ class TerDiTBlock(nn.Module):
             TernaryLinear(cond_dim, 6 * dim, bias=True, ternary=cfg.ternary, device=device),
             RMSNorm(6 * dim, eps=cfg.norm_eps, device=device) if cfg.adaln_norm else nn.Identity())
 
-    def forward(self, x, c, cos, sin):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    def modulation(self, c):
+        """(N, 6*dim): shift, scale and gate for attention and MLP, from the conditioning c (N, cond_dim) alone."""
+        return self.adaLN_modulation(c)
+
+    def forward(self, x, c, cos, sin, mod=None):
+        """mod: this block's modulation, computed up front by TerDiT.forward (for all blocks at once); None
+        computes it here from c (as under FSDP2, which gathers a block's weights only inside its forward)."""
+        mod = self.modulation(c) if mod is None else mod
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa), cos, sin)
         x = x + gate_mlp.unsqueeze(1) * self.feed_forward(modulate(self.ffn_norm(x), shift_mlp, scale_mlp))
         return x  # (N, T, D)
@@ -235,6 +243,7 @@ class TerDiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes, cond_dim, cfg.class_dropout_prob, device=device)
         self.layers = nn.ModuleList(TerDiTBlock(cfg, cond_dim, device=device) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim, cond_dim, p, C, device=device)
+        self.fused_adaln = None  # a packed model's one-matmul adaLN for all blocks (pack.fuse_adaln), else None
         if device is None or torch.device(device).type != "meta":
             self.initialize_weights()
 
@@ -255,6 +264,28 @@ class TerDiT(nn.Module):
         for m in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def modulations(self, c):
+        """Every block's adaLN modulation (N, 6*dim), before any block runs: adaLN sees only c, never the image
+        tokens. A packed model computes them in one matmul (pack.fuse_adaln). FSDP2-sharded blocks get None:
+        their weights exist only inside their own forward, so each computes its modulation there."""
+        if self.fused_adaln is not None:
+            return self.fused_adaln(c).unbind(1)
+        fsdp = sys.modules.get("torch.distributed.fsdp")  # imported (by train.py) if any module is sharded
+        if fsdp is not None and isinstance(self.layers[0], fsdp.FSDPModule):
+            return [None] * len(self.layers)
+        return [block.modulation(c) for block in self.layers]
+
+    def compile_blocks(self, **kwargs):
+        """Regional compilation: torch.compile each block (and a packed model's fused adaLN), not the whole model.
+        The blocks run the same code on tensors of the same shapes, so Dynamo traces one block and Inductor
+        compiles it once; every other block reuses that graph (compile time of one block, not depth). The
+        first forward pass compiles; kwargs go to torch.compile."""
+        for block in self.layers:
+            block.compile(**kwargs)
+        if self.fused_adaln is not None:
+            self.fused_adaln.compile(**kwargs)
+        return self
 
     def patchify(self, x):
         N, C, H, W = x.shape
@@ -279,8 +310,8 @@ class TerDiT(nn.Module):
             h = h + sincos_pos_embed(self.config.dim, H // p, W // p, x.device).to(h.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (N, cond_dim)
         cos, sin = rope(h.shape[1], self.config.dim // self.config.n_heads, x.device)
-        for block in self.layers:
-            h = block(h, c, cos, sin)
+        for block, mod in zip(self.layers, self.modulations(c)):
+            h = block(h, c, cos, sin, mod)
         return self.unpatchify(self.final_layer(h, c), H, W)  # (N, C, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
