@@ -103,7 +103,8 @@ def unpack_base3(packed, N, K):
 # the deployment-time ternary layer
 
 class PackedTernaryLinear(nn.Module):
-    """y = x · (α W̃)ᵀ + b with W̃ held as kernel.pack_2bit codes (uint8) and multiplied by kernel.ternary_matmul."""
+    """y = x · (α W̃)ᵀ + b with W̃ held as kernel.pack_2bit codes (uint8) and multiplied by kernel.ternary_matmul
+    through its custom op (kernel.ternary_matmul_op), so that torch.compile traces the layer without a break."""
 
     def __init__(self, in_features, out_features, bias, packed_shape, device=None):
         super().__init__()
