@@ -23,13 +23,16 @@ import time
 from dataclasses import replace
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 import kernel
 from diffusion import Diffusion
 from model import SIZES, RMSNorm, TerDiT, TerDiTConfig
-from pack import PackedTernaryLinear
 import quant
+from pack import PackedTernaryLinear, fuse_adaln
 from quant import TernaryLinear
 from sample import CUDAGraphed
 
@@ -143,7 +146,8 @@ def markdown(rows, title):
 
 
 # -----------------------------------------------------------------------------
-# end to end: one denoising step and a 250-step CFG sample at batch 1, packed 2-bit model vs bf16 model
+# end to end: one denoising step and a 250-step CFG sample, packed 2-bit model vs bf16 model, each eager and
+# compiled (regional torch.compile, default mode), each step one CUDA-graph replay
 
 def random_pair(size, dev, gen):
     """The same random ternary TerDiT (ImageNet-256 config: 32x32x4 latents, 1000 classes) twice: as a packed
@@ -174,23 +178,51 @@ def random_pair(size, dev, gen):
             packed.set_submodule(name, layer)
         rest = {k: v for k, v in bf.state_dict().items() if k.rsplit(".", 1)[0] not in ternary}
         packed.load_state_dict(rest, strict=False, assign=True)
-    return packed.eval(), bf
+    return fuse_adaln(packed.eval()), bf
 
 
 def nbytes(model):
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of the model's tensors, each storage once (the blocks' adaLN codes are views of the fused ones)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def bench_one_model(model, steps):
-    """(ms per denoising step from graph replays, s for a full `steps`-step CFG sample, peak GiB)."""
+def ternary_kernel_ms(events):
+    """(GPU ms of all kernels, of those inside the ternary matmuls) over profiler events. Inside = launched under
+    the op terdit::ternary_matmul: the fused `tmm` kernel, or `dequant` and its cuBLAS gemm. If the profiler did
+    not tie the kernels to the op, falls back to kernel names (tmm, dequant; the dequant path's gemm then counts
+    as outside)."""
+    events = list(events)
+    total = sum(e.device_time_total for e in events if e.device_type == DeviceType.CUDA)
+    ops = [e for e in events if e.device_type == DeviceType.CPU and e.name == "terdit::ternary_matmul"
+           and not (e.cpu_parent and e.cpu_parent.name == e.name)]
+    inside = sum(e.device_time_total for e in ops)
+    if inside == 0:
+        print("    (profiler: no kernels tied to terdit::ternary_matmul; counting tmm/dequant by name)")
+        inside = sum(e.device_time_total for e in events
+                     if e.device_type == DeviceType.CUDA and (e.name == "tmm" or e.name == "dequant"))
+    return total / 1e3, inside / 1e3
+
+
+def bench_one_model(model, steps, batch, packed, reps=20):
+    """One model at one batch size (CFG doubles it: M = 2 * batch * 256 tokens per linear): ms per denoising step
+    (median of CUDA-graph replays), s of the first call (compile + capture), s for a full `steps`-step sample, peak
+    GiB, and for a packed model the kernel ms per step and the ms inside the ternary matmuls (torch.profiler on
+    plain calls, not replays: same kernels)."""
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    y = torch.tensor([207], device="cuda")  # batch 1; CFG doubles it: M = 2 x 256 tokens per linear
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    y = torch.randint(0, 1000, (batch,), device="cuda", generator=gen)
+    x = torch.randn(2 * batch, 4, 32, 32, device="cuda", dtype=torch.bfloat16, generator=gen)
+    t, yy = torch.full((2 * batch,), 500, device="cuda"), torch.cat([y, torch.full_like(y, 1000)])
     runner = CUDAGraphed(model)
-    x = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
-    t, yy = torch.full((2,), 500, device="cuda"), torch.cat([y, torch.full_like(y, 1000)])
-    runner.forward_with_cfg(x, t, yy, 4.0)  # capture
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    runner.forward_with_cfg(x, t, yy, 4.0)  # warm-up (compiles, if compiled) and capture
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
     times = []
-    for _ in range(20):
+    for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         runner.forward_with_cfg(x, t, yy, 4.0)
@@ -203,11 +235,60 @@ def bench_one_model(model, steps):
         Diffusion().sample(runner, y, (4, 32, 32), cfg_scale=4.0, num_steps=steps, method="ddpm", clip_denoised=False,
                            generator=torch.Generator(device="cuda").manual_seed(0))
     torch.cuda.synchronize()
-    return statistics.median(times), time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    r = dict(step_ms=statistics.median(times), first_s=first, sample_s=time.perf_counter() - t0,
+             peak_GiB=torch.cuda.max_memory_allocated() / 2**30)
+    del runner
+    if packed:
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                model.forward_with_cfg(x, t, yy, 4.0)
+            torch.cuda.synchronize()
+        gpu_ms, ternary_ms = ternary_kernel_ms(prof.events())
+        r.update(gpu_ms=gpu_ms / 3, outside_ms=(gpu_ms - ternary_ms) / 3)
+    return r
+
+
+def bench_variants(model, name, packed, args):
+    """Rows for one model: eager at every batch size, then compiled (regional, default mode) at every batch size.
+    Dynamo's caches are reset before each compiled row, so its first call is a cold compile of static shapes."""
+    rows = []
+    batches = [int(b) for b in args.batches.split(",")]
+    for compiled in (False, True):
+        if compiled:
+            model.compile_blocks()
+        for batch in batches:
+            torch._dynamo.reset()
+            with torch.no_grad():
+                r = dict(model=f"{name} {'compiled' if compiled else 'eager'}", batch=batch,
+                         **bench_one_model(model, args.steps, batch, packed))
+            print(r, flush=True)
+            rows.append(r)
+    return rows
+
+
+def model_tables(rows, sizes, steps):
+    """The markdown of bench_model: a timing table (speed-up against the faster bf16 variant at the same size and
+    batch) and a weights table."""
+    out = [f"## End to end: CFG, random ternary weights, each step one CUDA-graph replay; compiled = regional "
+           f"torch.compile (default mode), first call = compile (cold) + capture", "",
+           f"| size | batch | model | step ms | vs best bf16 | {steps}-step sample s | peak GiB | first call s | "
+           "kernel ms/step | outside ternary matmuls ms (share) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        best = min(o["step_ms"] for o in rows if o["size"] == r["size"] and o["batch"] == r["batch"]
+                   and o["model"].startswith("bf16"))
+        outside = (f"{r['gpu_ms']:.2f} | {r['outside_ms']:.2f} ({r['outside_ms'] / r['gpu_ms']:.0%})" if "gpu_ms" in r
+                   else "| ")
+        out.append(f"| {r['size']} | {r['batch']} | {r['model']} | {r['step_ms']:.2f} | {best / r['step_ms']:.2f}x | "
+                   f"{r['sample_s']:.2f} | {r['peak_GiB']:.2f} | {r['first_s']:.1f} | {outside} |")
+    out += ["", "| size | params | packed weights MB | bf16 weights MB | rel. diff packed vs bf16 |", "|---|---|---|---|---|"]
+    for s in sizes:
+        out.append("| {size} | {params_B:.2f}B | {packed_MB:.0f} | {bf16_MB:.0f} | {rel_err:.1e} |".format(**s))
+    return "\n".join(out) + "\n"
 
 
 def bench_model(args):
-    dev, rows = torch.device("cuda"), []
+    inductor_config.fx_graph_cache = False  # every compile cold, as a user's first run
+    dev, rows, sizes = torch.device("cuda"), [], []
     for size in args.sizes.split(","):
         gen = torch.Generator(device=dev).manual_seed(0)
         packed, bf = random_pair(size, dev, gen)
@@ -215,41 +296,25 @@ def bench_model(args):
         t, y = torch.tensor([500, 500], device=dev), torch.tensor([3, 1000], device=dev)
         with torch.no_grad():
             a, b = packed(x, t, y).float(), bf(x, t, y).float()
-        err = ((a - b).norm() / b.norm()).item()
-        n_params = sum(p.numel() for p in bf.parameters())
-        sizes = dict(bf16_MB=nbytes(bf) / 1e6, packed_MB=nbytes(packed) / 1e6)
+        sizes.append(dict(size=size, params_B=sum(p.numel() for p in bf.parameters()) / 1e9,
+                          rel_err=((a - b).norm() / b.norm()).item(), bf16_MB=nbytes(bf) / 1e6,
+                          packed_MB=nbytes(packed) / 1e6))
         del bf
-        torch.cuda.empty_cache()
-        with torch.no_grad():
-            p_step, p_total, p_peak = bench_one_model(packed, args.steps)
+        rows += [dict(size=size, **r) for r in bench_variants(packed, "packed", True, args)]
         del packed
-        torch.cuda.empty_cache()
         bf = random_pair(size, dev, torch.Generator(device=dev).manual_seed(0))[1]
-        torch.cuda.empty_cache()
-        with torch.no_grad():
-            b_step, b_total, b_peak = bench_one_model(bf, args.steps)
+        rows += [dict(size=size, **r) for r in bench_variants(bf, "bf16", False, args)]
         del bf
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
-        r = dict(size=size, params_B=n_params / 1e9, rel_err=err, packed_step_ms=p_step, bf16_step_ms=b_step,
-                 packed_sample_s=p_total, bf16_sample_s=b_total, packed_peak_GiB=p_peak, bf16_peak_GiB=b_peak, **sizes)
-        print(r, flush=True)
-        rows.append(r)
-    out = ["## End to end: batch 1, CFG (M = 512 tokens per linear), random ternary weights", "",
-           f"| size | params | packed step ms | bf16 step ms | speed-up | packed {args.steps}-step sample s | "
-           f"bf16 sample s | packed peak GiB | bf16 peak GiB | packed weights MB | bf16 weights MB | rel. diff |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append("| {size} | {params_B:.2f}B | {packed_step_ms:.2f} | {bf16_step_ms:.2f} | {s:.2f}x | "
-                   "{packed_sample_s:.2f} | {bf16_sample_s:.2f} | {packed_peak_GiB:.2f} | {bf16_peak_GiB:.2f} | "
-                   "{packed_MB:.0f} | {bf16_MB:.0f} | {rel_err:.1e} |".format(s=r["bf16_step_ms"] / r["packed_step_ms"], **r))
-    return rows, "\n".join(out) + "\n"
+    return dict(rows=rows, sizes=sizes), model_tables(rows, sizes, args.steps)
 
 
 # -----------------------------------------------------------------------------
 # training: train.py's step (forward + loss, backward, grad clip, fused AdamW, EMA) in the ImageNet-256 latent
 # shape, ternary QAT vs the full-precision twin, eager vs compiled as train.py compiles (block by block)
 
-TRAIN_RUNS = [("600M", 64), ("4.2B", 16), ("4.2B", 32)]  # (size, batch) on one GPU
+TRAIN_RUNS = ["600M:64", "4.2B:16", "4.2B:32:compiled"]  # size:batch[:compiled = no eager rows], one GPU
 PEAK_TFLOPS = 989.0  # dense bf16 peak of an H100/H200 SXM (datasheet): MFU's denominator
 
 
@@ -294,14 +359,13 @@ def swap(obj, name, value):
 
 
 def bench_train(args):
-    import train  # train.py's own pieces: compile_blocks, update_ema
+    import train  # train.py's own EMA update
     dev, rows = torch.device("cuda"), []
-    runs = [(s, int(b)) for s, b in (r.split(":") for r in args.train_runs.split(","))]
-    for size, batch in runs:
+    runs = [(r.split(":")[0], int(r.split(":")[1]), r.endswith(":compiled")) for r in args.train_runs.split(",")]
+    for size, batch, compiled_only in runs:
         for ternary in (True, False):
-            first = (size, batch) == runs[0] and ternary  # reference rows, once: the composed quantizer, whole-model compile
-            eager = next(b for s, b in runs if s == size) == batch  # eager rows at a size's first batch only
-            for mode in (("eager",) if eager else ()) + (("eager, composed QAT",) if first else ()) + ("compiled",) + \
+            first = (size, batch) == runs[0][:2] and ternary  # reference rows, once: composed quantizer, whole-model compile
+            for mode in (() if compiled_only else ("eager",)) + (("eager, composed QAT",) if first else ()) + ("compiled",) + \
                     (("compiled whole model",) if first else ()):
                 torch.manual_seed(0)
                 cfg = TerDiTConfig(**SIZES[size], in_channels=4, num_classes=1000, ternary=ternary)
@@ -309,7 +373,7 @@ def bench_train(args):
                 ema = TerDiT(cfg, device="meta").to_empty(device=dev).requires_grad_(False)
                 ema.load_state_dict(model.state_dict())
                 if mode == "compiled":
-                    train.compile_blocks(model)
+                    model.compile_blocks()
                 forward = torch.compile(model) if mode == "compiled whole model" else model
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)
                 gen = torch.Generator(device=dev).manual_seed(0)
@@ -386,7 +450,8 @@ def main():
                    help="kernels: per-layer vs cuBLAS; model: end-to-end sampling; train: QAT step time")
     p.add_argument("--sizes", default="600M,4.2B", help="model sizes for --what model")
     p.add_argument("--steps", type=int, default=250, help="sampling steps for --what model")
-    p.add_argument("--train-runs", default=",".join(f"{s}:{b}" for s, b in TRAIN_RUNS), help="size:batch pairs for --what train")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (images, before CFG) for --what model")
+    p.add_argument("--train-runs", default=",".join(TRAIN_RUNS), help="size:batch[:compiled] runs for --what train")
     p.add_argument("--train-steps", type=int, default=15, help="timed steps per training run (median taken)")
     p.add_argument("--out", default="bench_results/kernels.md", help="markdown output (a .json beside it)")
     p.add_argument("--m", default=",".join(map(str, MS)), help="comma-separated token counts M")

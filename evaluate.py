@@ -160,6 +160,7 @@ def adaln_stats(model, x0, y, timesteps=(50, 250, 500, 750, 950), seed=0):
     over a forward pass at each timestep, via forward hooks. (adaLN sees only c = t_emb + y_emb, not the image.)"""
     diff, g = Diffusion(), torch.Generator(x0.device).manual_seed(seed)
     rows, current, hooks = [], {}, []
+    fused, model.fused_adaln = model.fused_adaln, None  # a packed model's fused adaLN would bypass the hooks
     for i, block in enumerate(model.layers):
         for stage, k in (("linear", 1), ("norm", 2)):
             if not isinstance(block.adaLN_modulation[k], nn.Identity):
@@ -176,6 +177,7 @@ def adaln_stats(model, x0, y, timesteps=(50, 250, 500, 750, 950), seed=0):
     finally:
         for h in hooks:
             h.remove()
+        model.fused_adaln = fused
     return rows
 
 
@@ -192,16 +194,19 @@ def print_adaln_table(rows):
 # ------------------------------ Evaluation ------------------------------
 
 @torch.no_grad()
-def generate(model, n, cfg_scale, num_steps, method, batch_size, seed, device):
-    """n samples with balanced labels i % 10, as (n, 1, 32, 32) greyscale in [-1, 1] on the CPU."""
+def generate(model, n, cfg_scale, num_steps, method, batch_size, seed, device, compile=False):
+    """n samples with balanced labels i % 10, as (n, 1, 32, 32) greyscale in [-1, 1] on the CPU; compile: regional
+    torch.compile first (sample.compile_model)."""
     cfg, diff = model.config, Diffusion()
     g = torch.Generator(device).manual_seed(seed)
     y = torch.arange(n, device=device) % cfg.num_classes
+    import sample
     runner, autocast = model, contextlib.nullcontext()
     if torch.device(device).type == "cuda":  # as sample.py: bf16 autocast, each step one CUDA graph replay
-        import sample
         runner, autocast = sample.CUDAGraphed(model), torch.autocast("cuda", dtype=torch.bfloat16)
     with autocast:
+        if compile:
+            print(f"compiled in {sample.compile_model(runner, model, min(batch_size, n), cfg_scale):.1f} s")
         out = [diff.sample(runner, yb, (cfg.in_channels, cfg.input_size, cfg.input_size), cfg_scale, num_steps,
                            method, generator=g, progress=True).float().cpu() for yb in y.split(batch_size)]
     if (x := torch.cat(out)).shape[1] not in (1, 3):
@@ -236,6 +241,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=500, help="images sampled at once")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="regional torch.compile before sampling (default: on with CUDA, off on a CPU)")
     p.add_argument("--ptq", action="store_true", help="round-to-nearest ternary PTQ of a full-precision checkpoint")
     p.add_argument("--adaln-stats", action="store_true", help="report adaLN output magnitudes instead of sampling")
     p.add_argument("--out", help="write the results as JSON here")
@@ -261,8 +268,9 @@ def main():
         print_adaln_table(result["adaln_stats"])
     else:
         t0 = time.time()
+        compile = args.compile if args.compile is not None else torch.device(args.device).type == "cuda"
         x, y = generate(model, args.num_samples, args.cfg_scale, args.num_steps, args.method, args.batch_size,
-                        args.seed, args.device)
+                        args.seed, args.device, compile)
         keys = ("num_samples", "cfg_scale", "num_steps", "method", "seed", "device")
         result.update({k: getattr(args, k) for k in keys}, sample_seconds=round(time.time() - t0, 1))
         result.update(score(x, y, load_classifier(), seed=args.seed))

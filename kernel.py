@@ -452,3 +452,22 @@ def ternary_matmul(x, packed, alpha, N, K, config=None):
         name, cs = config or _pick(M, N, K, sms)
         _launch(x2, packed, alpha, y, N, K, name, cs)
     return y.view(*lead, N)
+
+
+# -----------------------------------------------------------------------------
+# the same function as a PyTorch custom op: what the model calls. torch.compile cannot trace into a cupy launch,
+# but it treats a custom op as one opaque node whose output shape and dtype the fake implementation gives, so a
+# packed model compiles with no graph break (and the op runs inside CUDA-graph capture like any kernel).
+
+@torch.library.custom_op("terdit::ternary_matmul", mutates_args=())
+def ternary_matmul_op(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """ternary_matmul(x, packed, alpha, N, K) with the automatic choice of path (no config: ops take tensors and ints)."""
+    return ternary_matmul(x, packed, alpha, N, K)
+
+
+@ternary_matmul_op.register_fake
+def _(x, packed, alpha, N, K):
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} input features, expected K={K}")
+    return x.new_empty(*x.shape[:-1], N)
+

@@ -201,8 +201,14 @@ class TerDiTBlock(nn.Module):
             TernaryLinear(cond_dim, 6 * dim, bias=True, ternary=cfg.ternary, device=device),
             RMSNorm(6 * dim, eps=cfg.norm_eps, device=device) if cfg.adaln_norm else nn.Identity())
 
-    def forward(self, x, c, cos, sin):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    def modulation(self, c):
+        """(N, 6*dim): shift, scale and gate for attention and MLP, from the conditioning c (N, cond_dim) alone."""
+        return self.adaLN_modulation(c)
+
+    def forward(self, x, c, cos, sin, mod=None):
+        """mod: this block's modulation if TerDiT.modulations computed it up front (packed models); None: from c here."""
+        mod = self.modulation(c) if mod is None else mod
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa), cos, sin)
         x = x + gate_mlp.unsqueeze(1) * self.feed_forward(modulate(self.ffn_norm(x), shift_mlp, scale_mlp))
         return x  # (N, T, D)
@@ -235,6 +241,7 @@ class TerDiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes, cond_dim, cfg.class_dropout_prob, device=device)
         self.layers = nn.ModuleList(TerDiTBlock(cfg, cond_dim, device=device) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim, cond_dim, p, C, device=device)
+        self.fused_adaln = None  # a packed model's one-matmul adaLN for all blocks (pack.fuse_adaln), else None
         if device is None or torch.device(device).type != "meta":
             self.initialize_weights()
 
@@ -255,6 +262,26 @@ class TerDiT(nn.Module):
         for m in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def modulations(self, c):
+        """Every block's adaLN modulation, or None for a block to compute its own. adaLN sees only c, never the
+        image tokens, so a packed model computes all blocks' modulations up front in one matmul (pack.fuse_adaln).
+        A training model lets each block do it inside its forward, where torch.compile fuses it into the block
+        and FSDP2 has gathered the block's weights."""
+        if self.fused_adaln is not None:
+            return self.fused_adaln(c).unbind(1)
+        return [None] * len(self.layers)
+
+    def compile_blocks(self, **kwargs):
+        """Regional compilation: torch.compile each block (and a packed model's fused adaLN), not the whole model.
+        The blocks run the same code on tensors of the same shapes, so Dynamo traces one block and Inductor
+        compiles it once; every other block reuses that graph (compile time of one block, not depth). The
+        first forward pass compiles; kwargs go to torch.compile."""
+        for block in self.layers:
+            block.compile(**kwargs)
+        if self.fused_adaln is not None:
+            self.fused_adaln.compile(**kwargs)
+        return self
 
     def patchify(self, x):
         N, C, H, W = x.shape
@@ -279,8 +306,8 @@ class TerDiT(nn.Module):
             h = h + sincos_pos_embed(self.config.dim, H // p, W // p, x.device).to(h.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (N, cond_dim)
         cos, sin = rope(h.shape[1], self.config.dim // self.config.n_heads, x.device)
-        for block in self.layers:
-            h = block(h, c, cos, sin)
+        for block, mod in zip(self.layers, self.modulations(c)):
+            h = block(h, c, cos, sin, mod)
         return self.unpatchify(self.final_layer(h, c), H, W)  # (N, C, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):

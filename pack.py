@@ -53,6 +53,7 @@ import zlib
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernel
 from model import TerDiT, TerDiTConfig
@@ -102,7 +103,8 @@ def unpack_base3(packed, N, K):
 # the deployment-time ternary layer
 
 class PackedTernaryLinear(nn.Module):
-    """y = x · (α W̃)ᵀ + b with W̃ held as kernel.pack_2bit codes (uint8) and multiplied by kernel.ternary_matmul."""
+    """y = x · (α W̃)ᵀ + b with W̃ held as kernel.pack_2bit codes (uint8) and multiplied by kernel.ternary_matmul
+    through its custom op (kernel.ternary_matmul_op), so that torch.compile traces the layer without a break."""
 
     def __init__(self, in_features, out_features, bias, packed_shape, device=None):
         super().__init__()
@@ -114,7 +116,7 @@ class PackedTernaryLinear(nn.Module):
     def forward(self, x):
         if torch.is_autocast_enabled(x.device.type):  # act like nn.Linear under autocast: the kernel needs bf16/fp16
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        y = kernel.ternary_matmul(x, self.packed, self.alphas, self.out_features, self.in_features)
+        y = kernel.ternary_matmul_op(x, self.packed, self.alphas, self.out_features, self.in_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse=True):
@@ -127,6 +129,56 @@ class PackedTernaryLinear(nn.Module):
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class FusedAdaLN(nn.Module):
+    """Every block's adaLN (SiLU -> ternary linear -> RMSNorm) in one ternary matmul: the blocks' codes stacked
+    into one (depth * 6 * dim, cond_dim) matrix, multiplied with α = 1, then each block's α, bias and RMSNorm
+    applied to its slice (elementwise work that torch.compile fuses). One GEMV of depth x the rows instead of
+    depth small ones. pack_2bit stores 16-row tiles one after another and 6 * dim is a multiple of 16, so the
+    stacked codes are the blocks' codes concatenated along dim 0 (tests/test_pack.py checks it).
+
+    It owns only the stacked codes (a buffer left out of the state dict: checkpoints and files are unchanged);
+    each block's `packed` becomes a view of its rows, so nothing is stored twice. α, bias and norm gain are read
+    from the blocks at each call, so they are never stale and keep their dtypes (α float32)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.linears = [b.adaLN_modulation[1] for b in blocks]  # a plain list: the blocks stay their owners
+        self.norms = [b.adaLN_modulation[2] for b in blocks]
+        if not all(isinstance(m, PackedTernaryLinear) and m.bias is not None for m in self.linears):
+            raise ValueError("FusedAdaLN needs every block's adaLN linear packed (PackedTernaryLinear, with bias)")
+        first = self.linears[0]
+        self.in_features, self.width = first.in_features, first.out_features  # cond_dim, 6 * dim
+        if self.width % kernel.TILE_N:
+            raise ValueError(f"adaLN width {self.width} is not a multiple of {kernel.TILE_N}: cannot stack the codes")
+        self.register_buffer("packed", torch.cat([m.packed for m in self.linears]), persistent=False)
+        self.register_buffer("one", torch.ones(1, device=first.packed.device), persistent=False)
+        for i, m in enumerate(self.linears):
+            m.packed = self.packed[i * self.width: (i + 1) * self.width]
+
+    def forward(self, c):
+        """c (N, cond_dim) -> every block's modulation, (N, depth, 6 * dim)."""
+        x = F.silu(c)
+        if torch.is_autocast_enabled(x.device.type):  # as PackedTernaryLinear
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        depth = len(self.linears)
+        y = kernel.ternary_matmul_op(x, self.packed, self.one, depth * self.width, self.in_features)
+        alphas = torch.stack([m.alphas for m in self.linears])  # (depth, 1), float32
+        bias = torch.stack([m.bias for m in self.linears])       # (depth, 6 * dim)
+        y = y.view(-1, depth, self.width).float() * alphas + bias.float()
+        if isinstance(self.norms[0], nn.Identity):  # trained without the adaLN RMSNorm
+            return y.to(x.dtype)
+        gain = torch.stack([n.weight for n in self.norms])
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norms[0].eps) * gain.float()
+        return y.to(torch.promote_types(x.dtype, gain.dtype))
+
+
+def fuse_adaln(model):
+    """Give a packed TerDiT the one-matmul adaLN (FusedAdaLN); TerDiT.modulations uses it from then on. Call it
+    after moving the model to its device (a later .to() copies the shared codes apart: correct, but stored twice)."""
+    model.fused_adaln = FusedAdaLN(model.layers)
+    return model
 
 
 def _ternary_layers(model):
@@ -258,7 +310,7 @@ def load_packed(path, device="cpu"):
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise ValueError(f"{path} is corrupt (its tensors do not match its config): {err}") from None
-    return model.requires_grad_(False).eval().to(device)
+    return fuse_adaln(model.requires_grad_(False).eval().to(device))
 
 
 # -----------------------------------------------------------------------------

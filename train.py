@@ -109,14 +109,6 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
-def compile_blocks(model):
-    """torch.compile each block in place (regional compilation). The blocks are identical modules, so the first
-    compiled graph serves all of them: one compilation, not depth of them, and the state-dict keys are unchanged.
-    Nearly all of the work is in the blocks; what runs outside them (embedders, final layer, loss) is small."""
-    for block in model.layers:
-        block.compile()
-
-
 @torch.no_grad()
 def sample_grid(ema, cfg, vae, device, path, autocast, save):
     y = torch.arange(16, device=device) % cfg.num_classes
@@ -181,7 +173,7 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False)
     compile_ = device.type == "cuda" and not args.no_compile
     if compile_:  # after the deepcopy: the EMA samples eagerly (a few grids per run: compiling it does not pay)
-        compile_blocks(model)
+        model.compile_blocks()  # regional: one block compiled, reused by all (model.py)
     if args.fsdp:  # FSDP2: one all-gather per block in forward and backward, a reduce-scatter of its gradients.
         # On GPU the gathered weights are bf16 (half the traffic; autocast would cast them anyway) and gradients
         # are reduced in fp32; the sharded latent weights, Adam state and EMA stay fp32. The quantizer then sees

@@ -59,6 +59,25 @@ def test_cpu_matmul_matches_float64(shape, N, K):
     with pytest.raises(ValueError):
         kernel.ternary_matmul(x[..., :-1], kernel.pack_2bit(w), alpha, N, K)
 
+@pytest.mark.parametrize("shape,N,K", [((5, 72), 200, 72), ((2, 3, 100), 17, 100), ((4, 257), 33, 257),
+                                       ((1, 2, 3, 128), 48, 128), ((0, 130), 20, 130)])
+def test_custom_op_matches_reference(shape, N, K):
+    gen = torch.Generator().manual_seed(K)
+    w, x = rand_trits(N, K, gen), torch.randn(*shape, generator=gen)
+    packed, alpha = kernel.pack_2bit(w), torch.rand(1, generator=gen) + 0.5
+    y = kernel.ternary_matmul_op(x, packed, alpha, N, K)
+    assert y.shape == (*shape[:-1], N) and y.dtype == x.dtype
+    assert torch.equal(y, kernel.ternary_matmul_ref(x, packed, alpha, N, K))
+    assert torch.equal(torch.ops.terdit.ternary_matmul(x, packed, alpha, N, K), y)  # registered under its name
+
+
+def test_custom_op_opcheck():
+    """Schema, fake (meta) implementation, and tracing by AOTAutograd with dynamic shapes all agree with the op."""
+    gen = torch.Generator().manual_seed(0)
+    for shape, N, K in [((3, 100), 17, 100), ((2, 5, 128), 32, 128)]:
+        x, w = torch.randn(*shape, generator=gen), rand_trits(N, K, gen)
+        torch.library.opcheck(kernel.ternary_matmul_op, (x, kernel.pack_2bit(w), torch.tensor([0.3]), N, K))
+
 # -----------------------------------------------------------------------------
 # GPU
 
@@ -177,3 +196,18 @@ def test_cuda_graph_capture_replay():
         eager = kernel.ternary_matmul(x, packed, alpha, N, K)
         assert torch.equal(y, eager)
         check(y, reference(x, w, alpha))
+
+
+@gpu
+def test_custom_op_compiles_fullgraph_on_cuda():
+    """The cupy launch inside the op under torch.compile(fullgraph=True): same values as eager, both paths."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for (M, K, N) in [(2, 1024, 9216), (600, 1152, 1152), (7, 130, 1000)]:  # fused kernel, dequant + cuBLAS, awkward
+        w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
+        packed, alpha = kernel.pack_2bit(w), torch.rand(1, device="cuda", generator=gen) + 0.1
+        x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
+        bias = torch.randn(N, device="cuda", generator=gen).bfloat16()
+        f = lambda x: kernel.ternary_matmul_op(x, packed, alpha, N, K) + bias
+        eager, compiled = f(x), torch.compile(f, fullgraph=True)(x)
+        assert compiled.dtype == torch.bfloat16
+        torch.testing.assert_close(compiled, eager)

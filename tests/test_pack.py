@@ -12,18 +12,20 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import kernel  # noqa: E402
 import model as model_lib  # noqa: E402
+import evaluate  # noqa: E402
 import pack  # noqa: E402
 from quant import export_ternary  # noqa: E402
 
 
-def _random_tiny(seed, ternary=True):
+def _random_tiny(seed, ternary=True, **cfg):
     """A tiny TerDiT with random weights everywhere (zero-init adaLN would make trits and outputs trivial)."""
     torch.manual_seed(seed)
-    m = model_lib.build_model("tiny", in_channels=1, ternary=ternary)
+    m = model_lib.build_model("tiny", in_channels=1, ternary=ternary, **cfg)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.1)
@@ -182,3 +184,71 @@ def test_refuses_full_precision_and_non_checkpoints(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="not a TerDiT training checkpoint"):
         pack.main(["--ckpt", str(tmp_path / "other.pt"), "--out", str(tmp_path / "other.tdit")])
+
+
+# -----------------------------------------------------------------------------
+# the fused adaLN and torch.compile
+
+def _packed_model(tmp_path, **cfg):
+    """A tiny packed model with random weights, through the file format as load_packed builds it."""
+    ema = _random_tiny(2, **cfg)
+    path = str(tmp_path / "f.tdit")
+    pack.write_packed(path, asdict(ema.config), 0, pack._encode(ema), trits_per_byte=4)
+    return pack.load_packed(path)
+
+
+def test_stacked_codes_are_concatenated_codes():
+    gen = torch.Generator().manual_seed(0)
+    blocks = [(torch.randint(0, 3, (48, 100), generator=gen) - 1).to(torch.int8) for _ in range(3)]  # 6*dim rows
+    assert torch.equal(kernel.pack_2bit(torch.cat(blocks)), torch.cat([kernel.pack_2bit(w) for w in blocks]))
+
+
+@pytest.mark.parametrize("adaln_norm", [True, False])
+def test_fused_adaln_equals_per_block(tmp_path, adaln_norm):
+    m = _packed_model(tmp_path, adaln_norm=adaln_norm)
+    assert m.layers[1].adaLN_modulation[1].packed.data_ptr() == m.fused_adaln.packed[6 * 128:].data_ptr()  # a view
+    assert not any(k.startswith("fused_adaln") for k in m.state_dict())  # the file's tensors, nothing more
+    c = torch.randn(3, 128)
+    fused = m.fused_adaln(c)
+    assert fused.shape == (3, 4, 6 * 128)
+    per_block = torch.stack([b.modulation(c) for b in m.layers], dim=1)
+    torch.testing.assert_close(fused, per_block, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as on a GPU: bf16 matmuls, within bf16 rounding
+        fused, per_block = m.fused_adaln(c), torch.stack([b.modulation(c) for b in m.layers], dim=1)
+    assert fused.dtype == per_block.dtype
+    torch.testing.assert_close(fused.float(), per_block.float(), rtol=2e-2, atol=2e-2)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 10])
+    out = m(x, t, y)
+    m.fused_adaln = None  # the per-block path: what a packed model computed before the fused one
+    torch.testing.assert_close(out, m(x, t, y), rtol=1e-5, atol=1e-6)
+
+
+def test_adaln_stats_of_a_packed_model(packed):
+    m = pack.load_packed(packed[1])
+    rows = evaluate.adaln_stats(m, torch.randn(2, 1, 32, 32), torch.arange(2), timesteps=(10, 900))
+    assert len(rows) == 2 * len(m.layers) and m.fused_adaln is not None  # hooks saw every block; fused path back
+
+
+def test_packed_model_traces_as_one_graph(packed):
+    m = pack.load_packed(packed[1])
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        explained = torch._dynamo.explain(m)(x, t, y)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # inductor on 2 CPU cores: ~30 s
+        torch.testing.assert_close(compiled(x, t, y), m(x, t, y), rtol=0, atol=0)
+
+
+def test_regional_compile_compiles_one_block(packed):
+    """Inductor (as on a GPU) compiles one block and the fused adaLN; every other block reuses the block's graph."""
+    m = pack.load_packed(packed[1])
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 10])
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        want = m(x, t, y)
+        m.compile_blocks()
+        torch.testing.assert_close(m(x, t, y), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m(x, t, y), want, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["recompiles"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import model
 import pack
 import sample
 import train
@@ -40,6 +41,43 @@ def test_packed_files_sample_the_same_images(ckpt, tmp_path):
         # the same image up to the bf16 rounding of the full-precision tensors (amplified by CFG 4 along the
         # sampling chain): seen here, at most 6 grey levels on a pixel and 0.11 on average
         assert np.abs(img - ref).max() <= 8 and np.abs(img - ref).mean() < 0.5
+
+
+def test_compile_flag_draws_the_same_image(ckpt, tmp_path, monkeypatch, capsys):
+    tdit = str(tmp_path / "m.tdit")
+    pack.main(["--ckpt", ckpt, "--out", tdit])
+    compile_blocks = model.TerDiT.compile_blocks  # aot_eager: Inductor's C++ compile is slow on 2 CPU cores
+    monkeypatch.setattr(model.TerDiT, "compile_blocks", lambda self: compile_blocks(self, backend="aot_eager"))
+    torch._dynamo.reset()
+    img = draw(tdit, str(tmp_path / "c.png"), "--compile")
+    assert "compiled in" in capsys.readouterr().out
+    assert np.abs(img - draw(tdit, str(tmp_path / "e.png"))).max() <= 1
+
+
+gpu_cupy = pytest.mark.skipif(not torch.cuda.is_available() or pack.kernel.cp is None, reason="needs CUDA and cupy")
+
+
+@gpu_cupy
+def test_cuda_graph_of_the_compiled_packed_model(ckpt, tmp_path):
+    """Regional torch.compile (Inductor) + the fused kernels' custom op + CUDAGraphed capture: the replayed step
+    equals the eager step, and no block recompiles."""
+    from torch._dynamo.utils import counters
+    tdit = str(tmp_path / "g.tdit")
+    pack.main(["--ckpt", ckpt, "--out", tdit])
+    eager, compiled = sample.load_model(tdit, "cuda"), sample.load_model(tdit, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(6, 1, 16, 16, device="cuda", generator=g)
+    t, y = torch.randint(0, 1000, (6,), device="cuda", generator=g), torch.tensor([0, 1, 2, 10, 10, 10], device="cuda")
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        runner = sample.CUDAGraphed(compiled)
+        seconds = sample.compile_model(runner, compiled, 3, 4.0)
+        want = eager.forward_with_cfg(x, t, y, 4.0).float()
+        for _ in range(2):
+            got = runner.forward_with_cfg(x, t, y, 4.0).float()
+            assert ((got - want).norm() / want.norm()).item() < 1e-2
+    assert seconds > 0 and counters["stats"]["unique_graphs"] == 2 and not counters["recompiles"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
