@@ -14,6 +14,7 @@ served from the 50 MB L2 -- as in a real forward pass, where every layer's weigh
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -364,10 +365,12 @@ def bench_train(args):
     runs = [(r.split(":")[0], int(r.split(":")[1]), r.endswith(":compiled")) for r in args.train_runs.split(",")]
     for size, batch, compiled_only in runs:
         for ternary in (True, False):
-            first = (size, batch) == runs[0][:2] and ternary  # reference rows, once: composed quantizer, whole-model compile
+            first = (size, batch) == runs[0][:2] and ternary and not compiled_only  # reference rows, once: composed
+            # quantizer (before lean QAT), whole-model compile
             for mode in (() if compiled_only else ("eager",)) + (("eager, composed QAT",) if first else ()) + ("compiled",) + \
                     (("compiled whole model",) if first else ()):
                 torch.manual_seed(0)
+                held_GiB = torch.cuda.memory_allocated() / 2**30  # left over from earlier rows: should be ~0
                 cfg = TerDiTConfig(**SIZES[size], in_channels=4, num_classes=1000, ternary=ternary)
                 model = TerDiT(cfg, device=dev)
                 ema = TerDiT(cfg, device="meta").to_empty(device=dev).requires_grad_(False)
@@ -418,12 +421,13 @@ def bench_train(args):
                          mfu=6 * n_params * 256 * batch / (ms / 1e3) / (PEAK_TFLOPS * 1e12),
                          peak_GiB=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_s,
                          spread_ms=max(times) - min(times), params_B=n_params / 1e9,
-                         graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])
+                         graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"], held_before_GiB=held_GiB)
                 if mode != "eager" and ternary:
                     r["profile_ms"], r["top_kernels_ms"] = profile_step(step)
                 print(r, flush=True)
                 rows.append(r)
                 del model, ema, forward, opt, step
+                gc.collect()  # the step closure and the models form reference cycles: free them before the next row
                 torch._dynamo.reset()
                 torch._dynamo.utils.counters.clear()
                 torch.cuda.empty_cache()

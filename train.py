@@ -105,8 +105,10 @@ def save_checkpoint(obj, path):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    # one fused pass over all tensors (a Python loop of lerp_ launches ~200 kernels per step at 600M)
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+    # one fused pass over all tensors (a Python loop of lerp_ launches ~200 kernels per step at 600M); under FSDP
+    # on the local shards (model and EMA are sharded alike), not through DTensor's per-op dispatch
+    local = lambda ps: [p.to_local() if hasattr(p, "to_local") else p for p in ps]
+    torch._foreach_lerp_(local(ema.parameters()), local(p.detach() for p in model.parameters()), 1 - decay)
 
 
 @torch.no_grad()
