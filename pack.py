@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernel
-from model import TerDiT, TerDiTConfig
+from model import TerDiT, config_from_dict
 from quant import TernaryLinear, export_ternary
 
 MAGIC = 0x54694454        # b"TDiT" read as a little-endian uint32
@@ -301,7 +301,7 @@ def load_packed(path, device="cpu"):
             t = torch.from_numpy(raw.view(np.float32).copy()).view(e["shape"])
         state[e["name"]] = t
     # Build on the meta device (no memory, no init), swap in packed layers, then take every tensor from the file.
-    model = TerDiT(TerDiTConfig(**hdr["config"]), device="meta")
+    model = TerDiT(config_from_dict(hdr["config"]), device="meta")
     for name, m in _ternary_layers(model):
         packed_shape = state.get(f"{name}.packed", torch.empty(0)).shape  # a missing one fails strict loading
         model.set_submodule(name, PackedTernaryLinear(m.in_features, m.out_features, m.bias is not None,
@@ -336,7 +336,7 @@ def main(argv=None):
     if not ckpt["model_config"].get("ternary", False):
         sys.exit(f"error: {args.ckpt} holds a full-precision model (ternary=False): there is nothing to pack")
     try:
-        model = TerDiT(TerDiTConfig(**ckpt["model_config"]), device="meta")
+        model = TerDiT(config_from_dict(ckpt["model_config"]), device="meta")
         model.load_state_dict(ckpt["ema"], strict=True, assign=True)  # the EMA weights are the ones to deploy
     except (TypeError, RuntimeError) as err:
         sys.exit(f"error: {args.ckpt}'s EMA weights do not match its model_config ({str(err).splitlines()[0]})")

@@ -25,7 +25,7 @@ import torch
 import data
 import pack
 from diffusion import Diffusion
-from model import TerDiT, TerDiTConfig
+from model import TerDiT, config_from_dict
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo.tdit")
 
@@ -38,7 +38,7 @@ def load_model(path, device):
         return pack.load_packed(path, device)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = TerDiT(TerDiTConfig(**ckpt["model_config"]))
+        model = TerDiT(config_from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     except Exception as e:
         raise ValueError(f"'{path}' is not a TerDiT checkpoint (train.py .pt or pack.py file): "

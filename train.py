@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from diffusion import Diffusion
-from model import SIZES, TerDiT, TerDiTConfig
+from model import SIZES, TerDiT, TerDiTConfig, config_from_dict
 
 
 def get_args(argv=None):
@@ -159,7 +159,7 @@ def main(argv=None):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; train without --resume first")
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            cfg = TerDiTConfig(**ckpt["model_config"])
+            cfg = config_from_dict(ckpt["model_config"])
         except Exception as e:
             raise ValueError(f"cannot resume from {ckpt_path}: not a readable train.py checkpoint ({e})") from None
     else:
