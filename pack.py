@@ -273,10 +273,9 @@ def read_header(path):
                 data_start=data_start, crc32=crc)
 
 
-def load_packed(path, device="cpu"):
-    """A TerDiT in eval mode whose ternary layers are PackedTernaryLinear; full-precision tensors come back as
-    float32. Run bf16 inference under torch.autocast as sample.py does (packed layers then compute in bf16 with
-    the fused kernel); .to(dtype) also leaves the packed codes and α alone."""
+def read_packed(path):
+    """(header, state dict) of a packed file, checked (checksum, tile order); 2-bit trits stay in the kernel's
+    layout as "<layer>.packed" uint8 tensors, everything else comes back as float32."""
     hdr = read_header(path)
     with open(path, "rb") as f:
         f.seek(HEADER.size)
@@ -300,6 +299,14 @@ def load_packed(path, device="cpu"):
         else:
             t = torch.from_numpy(raw.view(np.float32).copy()).view(e["shape"])
         state[e["name"]] = t
+    return hdr, state
+
+
+def load_packed(path, device="cpu"):
+    """A TerDiT in eval mode whose ternary layers are PackedTernaryLinear; full-precision tensors come back as
+    float32. Run bf16 inference under torch.autocast as sample.py does (packed layers then compute in bf16 with
+    the fused kernel); .to(dtype) also leaves the packed codes and α alone."""
+    hdr, state = read_packed(path)
     # Build on the meta device (no memory, no init), swap in packed layers, then take every tensor from the file.
     model = TerDiT(config_from_dict(hdr["config"]), device="meta")
     for name, m in _ternary_layers(model):
