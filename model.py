@@ -14,7 +14,7 @@ final layer. That is 99% of the parameters of the 600M and 4.2B models in 2 bits
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -58,7 +58,7 @@ def to_reference_patch_layout(state, config):
     """(state dict, config dict) of a legacy "ppc" model -> the same model in the reference's "cpp" layout: the
     patch embedder's input columns permute from (p, p, C) to (C, p, p). Nothing else changes (the output side is
     (p, p, C) in both, see TerDiT.unpatchify). Exact: a permutation of stored values."""
-    config = {**LEGACY, **config}
+    config = asdict(config_from_dict(config))
     if config["patch_layout"] == "cpp":
         return state, config
     p, C, w = config["patch_size"], config["in_channels"], state["x_embedder.weight"]
