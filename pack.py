@@ -2,6 +2,8 @@
 Turn a training checkpoint into a deployment file: ternary weights in 2 bits (or 1.6), the rest in bf16.
 
     python pack.py --ckpt out/ckpt.pt --out terdit.tdit    # writes terdit.tdit (2-bit) and terdit.tdit3 (base-3)
+    python pack.py --ckpt checkpoints/3B_1180000 --out 3B.tdit   # an official TerDiT checkpoint folder, likewise
+    python pack.py --ckpt old.tdit --out new.tdit          # a file of the legacy patch layout, in the reference one
     python -c "import pack; m = pack.load_packed('terdit.tdit'); print(m.config)"
 
 Like llm.c's export (train_gpt2.py, `write_model`): a versioned binary written and read with struct and numpy,
