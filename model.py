@@ -323,8 +323,9 @@ class TerDiT(nn.Module):
         return x.reshape(N, (H // p) * (W // p), p * p * C)  # (N, T, p²C)
 
     def unpatchify(self, x, H, W):
-        # (p, p, C) within a token in both layouts: the reference patchifies as (C, p, p) but unpatchifies as
-        # (p, p, C) (Large-DiT's unpatchify is DiT's 'nhwpqc'), so only the patch embedder depends on patch_layout
+        # (p, p, C) within a token in both layouts: the reference code patchifies as (C, p, p) but unpatchifies as
+        # (p, p, C) (Large-DiT's unpatchify is DiT's 'nhwpqc'; not "mirrored" as our spec notes had it), so only
+        # the patch embedder depends on patch_layout; tests/test_pack.py checks it against the reference's forward
         N, p, C = x.shape[0], self.config.patch_size, self.out_channels
         x = x.view(N, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, H/p, p, W/p, p)
         return x.reshape(N, C, H, W)
