@@ -118,10 +118,14 @@ class VAE:
         self.vae = AutoencoderKL.from_pretrained(path).to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def encode(self, x):
+    def encode(self, x, noise):
+        """A sample of the posterior, mean + std · noise, × 0.18215 (N, 4, H/8, W/8). noise (N, 4, H/8, W/8) is
+        the standard normal draw, passed in (not latent_dist.sample()'s global RNG) so that train.py draws it
+        with the step's other randomness: resumed and 1-vs-N-process runs stay exact."""
         if x.shape[1] == 1:  # greyscale data through an RGB autoencoder
             x = x.expand(-1, 3, -1, -1)
-        return self.vae.encode(x).latent_dist.sample() * VAE_SCALE  # (N, 4, H/8, W/8)
+        dist = self.vae.encode(x).latent_dist
+        return (dist.mean + dist.std * noise.to(dist.mean)) * VAE_SCALE
 
     @torch.no_grad()
     def decode(self, z):

@@ -1,16 +1,57 @@
 """
 Gaussian diffusion as DiT uses it (Ho et al. 2020 "DDPM"; Nichol & Dhariwal 2021 for respacing; Song et al. 2021
-"DDIM"): a 1000-step linear β schedule, the ε-prediction loss, and two samplers with classifier-free guidance.
+"DDIM"): a 1000-step linear β schedule, the ε-prediction loss (with learn_sigma: plus the VLB term that trains
+the variance, IDDPM's hybrid loss L_simple + L_vlb, Eq. 16), and two samplers with classifier-free guidance.
 
     python -c "import torch, model, diffusion; m = model.build_model('tiny').eval(); print(diffusion.Diffusion().sample(m, torch.tensor([0, 1]), (3, 32, 32), num_steps=10).shape)"
 
-DiT's `diffusion/` folder is 1,286 lines; this is the part of it TerDiT uses. Left out: the learned variance
-(DiT's learn_sigma and its hybrid VLB loss): the model predicts ε only and sampling uses DDPM's fixed "large"
-variance β_t, which is what IDDPM/DiT do when learn_sigma is off.
+DiT's `diffusion/` folder is 1,286 lines; this is the part of it TerDiT uses. Variance: a learn_sigma model
+(2C output channels, ε then v) gets IDDPM's learned range, log σ² = frac·log β_t + (1 - frac)·log β̃_t with
+frac = (v + 1) / 2 (Eq. 15), in DDPM sampling; DDIM (η = 0) adds no noise and ignores v. A model without it gets
+DDPM's fixed "large" variance β_t, as IDDPM/DiT do when learn_sigma is off.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    # the tanh approximation of Φ that DiT and IDDPM use (kept so that the loss is theirs)
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log p(x) of data x in [-1, 1] quantised to 256 levels (bins of width 2/255) under N(means, e^(2 log_scales));
+    the edge bins reach to ±∞ (DDPM's decoder L_0)."""
+    centered, inv_std = x - means, torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1 / 255))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1 / 255))
+    log = lambda v: torch.log(v.clamp(min=1e-12))
+    return torch.where(x < -0.999, log(cdf_plus), torch.where(x > 0.999, log(1 - cdf_min), log(cdf_plus - cdf_min)))
+
+
+def posterior(ac):
+    """For a schedule ᾱ (S,) in float64: ᾱ_{t-1}, β_t, the posterior variance β̃_t, log β̃_t clipped (β̃_0 = 0 takes
+    β̃_1, so the log is finite, as IDDPM), and the posterior mean coefficients of x0 and x_t (DDPM Eq. 7)."""
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    betas = 1 - ac / ac_prev
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    log_post_var = torch.cat([post_var[1:2], post_var[1:]]).log() if len(ac) > 1 else post_var.log()
+    return (ac_prev, betas, post_var, log_post_var, betas * ac_prev.sqrt() / (1 - ac),
+            (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac))
+
+
+def learned_log_variance(v, log_beta, log_post_var):
+    """IDDPM Eq. 15: interpolate between the log variances β_t ("fixed large", v = 1) and β̃_t ("fixed small", v = -1)."""
+    frac = (v + 1) / 2
+    return frac * log_beta + (1 - frac) * log_post_var
 
 
 class Diffusion:
@@ -20,18 +61,46 @@ class Diffusion:
         scale = 1000 / num_timesteps
         betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # ᾱ_t
+        _, self.betas, _, self.log_post_var, self.coef_x0, self.coef_xt = posterior(self.alphas_cumprod)
+
+    def _at(self, v, t, x):
+        """Entries t of a float64 schedule v, as float32 shaped to broadcast over x."""
+        return v.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, noise):
         """Eq. 4 of DDPM: x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε."""
-        a = self.alphas_cumprod.to(x0.device)[t].float().view(-1, *([1] * (x0.dim() - 1)))
+        a = self._at(self.alphas_cumprod, t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def training_loss(self, model, x0, y, t=None, noise=None, force_drop_ids=None):
         """The simple loss of DDPM (Eq. 14): MSE between the true and the predicted noise at a uniform random t.
+        A learn_sigma model adds the VLB term of its variance (IDDPM's hybrid loss, as DiT's training_losses):
+        the KL between the true posterior q(x_{t-1} | x_t, x0) and the model's p(x_{t-1} | x_t), in bits per
+        dimension, with the predicted ε detached so that only v learns from it (the mean learns from the MSE).
         t, noise and the label drops may be drawn by the caller (train.py does, to be reproducible)."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
-        return F.mse_loss(model(self.q_sample(x0, t, noise), t, y, force_drop_ids).float(), noise.float())
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, t, y, force_drop_ids).float()
+        C = x0.shape[1]
+        mse = F.mse_loss(out[:, :C], noise.float())
+        if out.shape[1] == C:
+            return mse
+        return mse + self.vlb_terms(x0.float(), x_t.float(), t, out[:, :C].detach(), out[:, C:]).mean()
+
+    def vlb_terms(self, x0, x_t, t, eps, v):
+        """Per-sample L_t of the VLB in bits per dimension (IDDPM; DiT's _vb_terms_bpd, unclipped x0): KL(q || p)
+        for t > 0, the discretised decoder NLL -log p(x0 | x1) for t = 0. DiT's "rescaled" factor
+        num_timesteps / 1000 is 1 here (training always uses the 1000 steps)."""
+        at = lambda s: self._at(s, t, x0)
+        ac = at(self.alphas_cumprod)
+        true_mean = at(self.coef_x0) * x0 + at(self.coef_xt) * x_t
+        pred_x0 = (x_t - (1 - ac).sqrt() * eps) / ac.sqrt()
+        mean = at(self.coef_x0) * pred_x0 + at(self.coef_xt) * x_t
+        log_var = learned_log_variance(v, at(self.betas).log(), at(self.log_post_var))
+        kl = normal_kl(true_mean, at(self.log_post_var), mean, log_var).flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).flatten(1).mean(1) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
 
     @torch.no_grad()
     def sample(self, model, y, shape, cfg_scale=4.0, num_steps=250, method="ddpm", clip_denoised=True,
@@ -49,13 +118,9 @@ class Diffusion:
         device = y.device
         steps = torch.linspace(0, self.num_timesteps - 1, num_steps, dtype=torch.float64).round().long()
         ac = self.alphas_cumprod[steps]                                # ᾱ at the visited steps, (S,)
-        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-        betas = 1 - ac / ac_prev                                        # respaced β, (S,)
-        post_var = betas * (1 - ac_prev) / (1 - ac)                     # posterior variance β̃ (DDPM Eq. 7)
+        ac_prev, betas, post_var, log_post_var, coef_x0, coef_xt = posterior(ac)  # respaced
         # "fixed large" variance: β_t, with the first entry set to β̃_1 so the log is finite (IDDPM)
         var = torch.cat([post_var[1:2], betas[1:]]) if num_steps > 1 else post_var
-        coef_x0 = betas * ac_prev.sqrt() / (1 - ac)                     # posterior mean coefficients (Eq. 7)
-        coef_xt = (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)
 
         guided = cfg_scale != 1.0
         n = y.shape[0]
@@ -66,8 +131,8 @@ class Diffusion:
         f32 = lambda v, i: v[i].float().item()
         for i in (_progress(range(num_steps - 1, -1, -1)) if progress else range(num_steps - 1, -1, -1)):
             t = torch.full((x.shape[0],), int(steps[i]), device=device)
-            eps = model.forward_with_cfg(x, t, y, cfg_scale) if guided else model(x, t, y)
-            eps = eps.float()
+            out = (model.forward_with_cfg(x, t, y, cfg_scale) if guided else model(x, t, y)).float()
+            eps, v = out[:, :shape[0]], out[:, shape[0]:]  # v: empty unless the model learns its variance
             x0 = (x - (1 - f32(ac, i)) ** 0.5 * eps) / f32(ac, i) ** 0.5
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
@@ -78,7 +143,9 @@ class Diffusion:
                 x = f32(coef_x0, i) * x0 + f32(coef_xt, i) * x
                 if i > 0:
                     noise = torch.randn(x.shape[0] // (2 if guided else 1), *shape, generator=generator, device=device)
-                    x = x + f32(var, i) ** 0.5 * (torch.cat([noise, noise]) if guided else noise)
+                    std = (0.5 * learned_log_variance(v, math.log(f32(betas, i)), f32(log_post_var, i))).exp() \
+                        if v.shape[1] else f32(var, i) ** 0.5
+                    x = x + std * (torch.cat([noise, noise]) if guided else noise)
         return x[:n]
 
 

@@ -14,7 +14,7 @@ final layer. That is 99% of the parameters of the 600M and 4.2B models in 2 bits
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,31 @@ class TerDiTConfig:
     ternary: bool = True        # False gives the full-precision twin the paper compares against
     adaln_norm: bool = True     # the paper's RMSNorm after the adaLN linear (False = the Fig. 7/8 ablation)
     pos_embed: bool = False     # DiT's fixed 2-D sin-cos position embedding; not in the reference (see below)
+    learn_sigma: bool = True    # also predict the variance (2C output channels: ε, then v), as the reference and DiT
+    patch_layout: str = "cpp"   # order of a token's p²C input values: "cpp" (C, p, p) as the reference, "ppc" legacy
+    reference_cfg: bool = False  # guide only the first 3 channels (DiT's and the reference's quirk); False: all of ε
+
+
+# Fields added after checkpoints were written, with the value that reproduces those checkpoints: a config that
+# lacks one (old train.py checkpoints, old .tdit files, the shipped demo) was trained with the legacy behaviour.
+LEGACY = dict(learn_sigma=False, patch_layout="ppc", reference_cfg=False)
+
+
+def config_from_dict(d):
+    """TerDiTConfig from a stored dict (checkpoint, .tdit index), filling missing fields with their LEGACY values."""
+    return TerDiTConfig(**{**LEGACY, **d})
+
+
+def to_reference_patch_layout(state, config):
+    """(state dict, config dict) of a legacy "ppc" model -> the same model in the reference's "cpp" layout: the
+    patch embedder's input columns permute from (p, p, C) to (C, p, p). Nothing else changes (the output side is
+    (p, p, C) in both, see TerDiT.unpatchify). Exact: a permutation of stored values."""
+    config = asdict(config_from_dict(config))
+    if config["patch_layout"] == "cpp":
+        return state, config
+    p, C, w = config["patch_size"], config["in_channels"], state["x_embedder.weight"]
+    w = w.view(w.shape[0], p, p, C).permute(0, 3, 1, 2).reshape(w.shape[0], -1)
+    return {**state, "x_embedder.weight": w.contiguous()}, {**config, "patch_layout": "cpp"}
 
 
 # Sizes: tiny is for CPU tests, XS for the shipped demo (it samples on a laptop CPU); S and B are DiT-S/B widths; 600M and 4.2B are the paper's two ImageNet models
@@ -229,18 +254,22 @@ class FinalLayer(nn.Module):
 
 
 class TerDiT(nn.Module):
-    """Predicts the noise ε of x_t. Learned variance (DiT's learn_sigma) is left out: out_channels = in_channels."""
+    """Predicts the noise ε of x_t and, with learn_sigma, the variance interpolation v (IDDPM Eq. 15): the output
+    has out_channels = 2 * in_channels (ε first, then v), else in_channels."""
 
     def __init__(self, config, device=None):
         super().__init__()
         self.config = cfg = config
         cond_dim = min(cfg.dim, 1024)  # the reference caps the conditioning width at 1024
         p, C = cfg.patch_size, cfg.in_channels
+        if cfg.patch_layout not in ("cpp", "ppc"):
+            raise ValueError(f"unknown patch_layout '{cfg.patch_layout}': use cpp (the reference) or ppc (legacy)")
+        self.out_channels = 2 * C if cfg.learn_sigma else C
         self.x_embedder = nn.Linear(p * p * C, cfg.dim, device=device)
         self.t_embedder = TimestepEmbedder(cond_dim, device=device)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cond_dim, cfg.class_dropout_prob, device=device)
         self.layers = nn.ModuleList(TerDiTBlock(cfg, cond_dim, device=device) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg.dim, cond_dim, p, C, device=device)
+        self.final_layer = FinalLayer(cfg.dim, cond_dim, p, self.out_channels, device=device)
         self.fused_adaln = None  # a packed model's one-matmul adaLN for all blocks (pack.fuse_adaln), else None
         if device is None or torch.device(device).type != "meta":
             self.initialize_weights()
@@ -286,16 +315,24 @@ class TerDiT(nn.Module):
     def patchify(self, x):
         N, C, H, W = x.shape
         p = self.config.patch_size
-        x = x.view(N, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (N, H/p, W/p, p, p, C)
-        return x.reshape(N, (H // p) * (W // p), p * p * C)               # (N, T, p²C)
+        x = x.view(N, C, H // p, p, W // p, p)
+        if self.config.patch_layout == "cpp":
+            x = x.permute(0, 2, 4, 1, 3, 5)  # (N, H/p, W/p, C, p, p), the reference's order
+        else:
+            x = x.permute(0, 2, 4, 3, 5, 1)  # (N, H/p, W/p, p, p, C), this project's legacy order
+        return x.reshape(N, (H // p) * (W // p), p * p * C)  # (N, T, p²C)
 
     def unpatchify(self, x, H, W):
-        N, p, C = x.shape[0], self.config.patch_size, self.config.in_channels
+        # (p, p, C) within a token in both layouts: the reference code patchifies as (C, p, p) but unpatchifies as
+        # (p, p, C) (Large-DiT's unpatchify is DiT's 'nhwpqc'; not "mirrored" as our spec notes had it), so only
+        # the patch embedder depends on patch_layout; tests/test_pack.py checks it against the reference's forward
+        N, p, C = x.shape[0], self.config.patch_size, self.out_channels
         x = x.view(N, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, H/p, p, W/p, p)
         return x.reshape(N, C, H, W)
 
     def forward(self, x, t, y, force_drop_ids=None):
-        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels -> predicted noise (N, C, H, W)."""
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels -> ε (N, C, H, W), or ε and v
+        concatenated, (N, 2C, H, W), with learn_sigma."""
         N, C, H, W = x.shape
         p = self.config.patch_size
         if H % p or W % p or C != self.config.in_channels:
@@ -308,18 +345,19 @@ class TerDiT(nn.Module):
         cos, sin = rope(h.shape[1], self.config.dim // self.config.n_heads, x.device)
         for block, mod in zip(self.layers, self.modulations(c)):
             h = block(h, c, cos, sin, mod)
-        return self.unpatchify(self.final_layer(h, c), H, W)  # (N, C, H, W)
+        return self.unpatchify(self.final_layer(h, c), H, W)  # (N, out_channels, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
         """Classifier-free guidance as in DiT: the first half of the batch carries the class labels, the second
-        half the null class; both halves get the same x. DiT guides only the first 3 channels (a quirk kept for
-        reproducing its FID); we guide all channels, the standard form."""
+        half the null class; both halves get the same x. The standard form guides all of ε; DiT and the reference
+        guide only the first 3 channels (a quirk kept for reproducing their FID: config.reference_cfg). The other
+        channels (and v) are the conditional half's, as in DiT; the sampler keeps only the first half."""
         half = x[: len(x) // 2]
-        eps = self.forward(torch.cat([half, half], dim=0), t, y)
-        cond_eps, uncond_eps = eps.chunk(2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([half_eps, half_eps], dim=0)
-
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        g = 3 if self.config.reference_cfg else self.config.in_channels
+        cond, uncond = out.chunk(2, dim=0)
+        half_out = torch.cat([uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g]), cond[:, g:]], dim=1)
+        return torch.cat([half_out, half_out], dim=0)
 
 if __name__ == "__main__":
     for name in SIZES:

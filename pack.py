@@ -2,6 +2,8 @@
 Turn a training checkpoint into a deployment file: ternary weights in 2 bits (or 1.6), the rest in bf16.
 
     python pack.py --ckpt out/ckpt.pt --out terdit.tdit    # writes terdit.tdit (2-bit) and terdit.tdit3 (base-3)
+    python pack.py --ckpt checkpoints/3B_1180000 --out 3B.tdit   # an official TerDiT checkpoint folder, likewise
+    python pack.py --ckpt old.tdit --out new.tdit          # a file of the legacy patch layout, in the reference one
     python -c "import pack; m = pack.load_packed('terdit.tdit'); print(m.config)"
 
 Like llm.c's export (train_gpt2.py, `write_model`): a versioned binary written and read with struct and numpy,
@@ -49,6 +51,7 @@ import os
 import struct
 import sys
 import zlib
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -56,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernel
-from model import TerDiT, TerDiTConfig
+from model import SIZES, TerDiT, TerDiTConfig, config_from_dict, to_reference_patch_layout
 from quant import TernaryLinear, export_ternary
 
 MAGIC = 0x54694454        # b"TDiT" read as a little-endian uint32
@@ -273,10 +276,9 @@ def read_header(path):
                 data_start=data_start, crc32=crc)
 
 
-def load_packed(path, device="cpu"):
-    """A TerDiT in eval mode whose ternary layers are PackedTernaryLinear; full-precision tensors come back as
-    float32. Run bf16 inference under torch.autocast as sample.py does (packed layers then compute in bf16 with
-    the fused kernel); .to(dtype) also leaves the packed codes and α alone."""
+def read_packed(path):
+    """(header, state dict) of a packed file, checked (checksum, tile order); 2-bit trits stay in the kernel's
+    layout as "<layer>.packed" uint8 tensors, everything else comes back as float32."""
     hdr = read_header(path)
     with open(path, "rb") as f:
         f.seek(HEADER.size)
@@ -300,8 +302,16 @@ def load_packed(path, device="cpu"):
         else:
             t = torch.from_numpy(raw.view(np.float32).copy()).view(e["shape"])
         state[e["name"]] = t
+    return hdr, state
+
+
+def load_packed(path, device="cpu"):
+    """A TerDiT in eval mode whose ternary layers are PackedTernaryLinear; full-precision tensors come back as
+    float32. Run bf16 inference under torch.autocast as sample.py does (packed layers then compute in bf16 with
+    the fused kernel); .to(dtype) also leaves the packed codes and α alone."""
+    hdr, state = read_packed(path)
     # Build on the meta device (no memory, no init), swap in packed layers, then take every tensor from the file.
-    model = TerDiT(TerDiTConfig(**hdr["config"]), device="meta")
+    model = TerDiT(config_from_dict(hdr["config"]), device="meta")
     for name, m in _ternary_layers(model):
         packed_shape = state.get(f"{name}.packed", torch.empty(0)).shape  # a missing one fails strict loading
         model.set_submodule(name, PackedTernaryLinear(m.in_features, m.out_features, m.bias is not None,
@@ -314,32 +324,111 @@ def load_packed(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# the reference's official checkpoints (Hugging Face lucky-lance/TerDiT)
+
+REFERENCE_MODELS = {"DiT_Llama_600M_patch2": "600M", "DiT_Llama_3B_patch2": "4.2B"}  # its registry -> model.SIZES
+REFERENCE_WEIGHTS = "consolidated_ema_ternary.00-of-01.pth"
+
+
+def reference_label(c):
+    """The reference's label of ImageNet class c: it trained on an ImageFolder of class folders "0" ... "999",
+    whose labels are the folders' ranks sorted as strings ("0", "1", "10", "100", ...)."""
+    return sorted(range(1000), key=str).index(c)
+
+
+def unpack_hqq_2bit(w):
+    """hqq's 2-bit layout, uint8 (out/4, in) -> int8 trits (out, in): codes = trit + 1, and byte row i holds rows
+    i, i + out/4, i + 2·out/4, i + 3·out/4 in bits 7-6, 5-4, 3-2, 1-0."""
+    return torch.cat([(w >> s) & 3 for s in (6, 4, 2, 0)]).to(torch.int8) - 1
+
+
+def read_reference(folder):
+    """(config, state dict of a TerDiT) from an official checkpoint folder. Each ternary layer's latent weight
+    becomes its trits: ternarize(W̃) = W̃ (γ = mean|W̃| <= 1), so the QAT forward computes the reference's α·W̃.
+    The label table's rows are permuted so that our label c is ImageNet class c (reference_label)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the one class its pickle may build
+            train_args = vars(torch.load(os.path.join(folder, "model_args.pth"), weights_only=True))
+        state = torch.load(os.path.join(folder, REFERENCE_WEIGHTS), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"'{folder}' is not an official TerDiT checkpoint folder (model_args.pth and "
+                         f"{REFERENCE_WEIGHTS}): {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from None
+    name = train_args.get("model")
+    if name not in REFERENCE_MODELS or train_args.get("num_classes") != 1000 or train_args.get("image_size", 0) % 16:
+        raise ValueError(f"'{folder}' holds {name} at {train_args.get('image_size')} px with "
+                         f"{train_args.get('num_classes')} classes: only {', '.join(REFERENCE_MODELS)}, ImageNet (1000 classes) "
+                         f"and a size divisible by 16 are supported")
+    config = TerDiTConfig(**SIZES[REFERENCE_MODELS[name]], input_size=train_args["image_size"] // 8,
+                          in_channels=4, num_classes=1000, qk_norm=bool(train_args.get("qk_norm", False)),
+                          learn_sigma=True, patch_layout="cpp", reference_cfg=True)
+    model = TerDiT(config, device="meta")
+    ternary = {f"{n}.weight" for n, _ in _ternary_layers(model)}
+    state = {k: unpack_hqq_2bit(v).float() if k in ternary else v.float() for k, v in state.items()}
+    table = state["y_embedder.embedding_table.weight"]
+    state["y_embedder.embedding_table.weight"] = table[[reference_label(c) for c in range(1000)] + [1000]]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"'{folder}': its weights do not match {name}: {str(err).splitlines()[0]}") from None
+    return asdict(config), model.requires_grad_(False).eval()
+
+
+# -----------------------------------------------------------------------------
 # the CLI
 
 def _mb(n):
     return f"{n:>12,d} bytes ({n / 1e6:8.2f} MB)"
 
 
+def relayout_packed(src, out):
+    """Rewrite a packed file of the legacy "ppc" patch layout in the reference's "cpp" one
+    (model.to_reference_patch_layout): the same tensors, byte for byte, but the patch embedder's permuted columns.
+    The trits go back through kernel.unpack_2bit/pack_2bit, exactly. Returns the new file's size."""
+    hdr, state = read_packed(src)
+    state, config = to_reference_patch_layout(state, hdr["config"])
+    shapes = {e["name"]: e for e in hdr["tensors"]}
+    decode = {"trits": lambda t, e: kernel.unpack_2bit(t, *e["shape"]), "bfloat16": lambda t, e: t.to(torch.bfloat16),
+              "float32": lambda t, e: t}  # write_packed takes what _encode gives: trits, bf16, float32
+    encoded = [(name, e["encoding"], e["shape"], decode[e["encoding"]](state[name], e)) for name, e in shapes.items()]
+    return write_packed(out, config, hdr["step"], encoded, hdr["trits_per_byte"])
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Pack a TerDiT training checkpoint (EMA weights) for deployment.")
-    parser.add_argument("--ckpt", required=True, help="training checkpoint written by train.py")
+    parser = argparse.ArgumentParser(description="Pack a TerDiT checkpoint (EMA weights) for deployment.")
+    parser.add_argument("--ckpt", required=True, help="training checkpoint written by train.py, an official TerDiT "
+                        "checkpoint folder (model_args.pth + consolidated_ema_ternary.00-of-01.pth), or a packed "
+                        "file of the legacy patch layout to rewrite in the reference layout")
     parser.add_argument("--out", required=True, help="2-bit output file (e.g. terdit.tdit); the base-3 twin "
                                                      "goes next to it (terdit.tdit3)")
     args = parser.parse_args(argv)
 
-    try:
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:
-        sys.exit(f"error: {args.ckpt} is not a readable torch checkpoint ({type(err).__name__})")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or "ema" not in ckpt:
-        sys.exit(f"error: {args.ckpt} is not a TerDiT training checkpoint (needs 'ema' and 'model_config')")
-    if not ckpt["model_config"].get("ternary", False):
-        sys.exit(f"error: {args.ckpt} holds a full-precision model (ternary=False): there is nothing to pack")
-    try:
-        model = TerDiT(TerDiTConfig(**ckpt["model_config"]), device="meta")
-        model.load_state_dict(ckpt["ema"], strict=True, assign=True)  # the EMA weights are the ones to deploy
-    except (TypeError, RuntimeError) as err:
-        sys.exit(f"error: {args.ckpt}'s EMA weights do not match its model_config ({str(err).splitlines()[0]})")
+    if os.path.isfile(args.ckpt) and is_packed(args.ckpt):
+        try:
+            print(f"rewrote {args.ckpt} in the reference patch layout: {args.out}, "
+                  f"{_mb(relayout_packed(args.ckpt, args.out))}")
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        return
+    if os.path.isdir(args.ckpt):
+        try:
+            config, model = read_reference(args.ckpt)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        ckpt = {"model_config": config, "step": None}
+    else:
+        try:
+            ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        except Exception as err:
+            sys.exit(f"error: {args.ckpt} is not a readable torch checkpoint ({type(err).__name__})")
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or "ema" not in ckpt:
+            sys.exit(f"error: {args.ckpt} is not a TerDiT training checkpoint (needs 'ema' and 'model_config')")
+        if not ckpt["model_config"].get("ternary", False):
+            sys.exit(f"error: {args.ckpt} holds a full-precision model (ternary=False): there is nothing to pack")
+        try:
+            model = TerDiT(config_from_dict(ckpt["model_config"]), device="meta")
+            model.load_state_dict(ckpt["ema"], strict=True, assign=True)  # the EMA weights are the ones to deploy
+        except (TypeError, RuntimeError) as err:
+            sys.exit(f"error: {args.ckpt}'s EMA weights do not match its model_config ({str(err).splitlines()[0]})")
 
     encoded = _encode(model)
     step = ckpt.get("step")
@@ -349,11 +438,11 @@ def main(argv=None):
     n_total = sum(p.numel() for p in model.parameters())
     print(f"packed the EMA weights of step {step}: {n_total:,d} parameters, "
           f"{n_ternary:,d} ({100 * n_ternary / n_total:.1f}%) of them ternary")
-    print(f"training checkpoint  {args.ckpt}: {_mb(os.path.getsize(args.ckpt))}")
+    if os.path.isfile(args.ckpt):
+        print(f"training checkpoint  {args.ckpt}: {_mb(os.path.getsize(args.ckpt))}")
     print(f"EMA weights in bf16  (reference): {_mb(2 * n_total)}")
     print(f"2-bit packing        {args.out}: {_mb(size2)}")
     print(f"base-3 packing       {base3_path(args.out)}: {_mb(size3)}")
-
 
 if __name__ == "__main__":
     main()

@@ -111,8 +111,11 @@ class TernaryLinear(nn.Linear):
         self.ternary = ternary
         if ternary:
             # The reference initialises α with torch.randn(1), which can start negative or far off the weights'
-            # scale. We start it at γ of nn.Linear's default init (about 0.5/sqrt(in_features)), so W_Q starts
-            # at the scale of an ordinary linear layer. A deliberate, documented deviation.
+            # scale. We set it to γ of nn.Linear's default init (0.5/sqrt(in_features)), so W_Q starts at the scale
+            # of an ordinary linear layer. A deliberate, documented deviation. In a TerDiT, initialize_weights then
+            # re-initialises the weights (xavier, adaLN zeros) but not α, so α starts at sqrt((in + out) / (6 in))
+            # times γ of the xavier weights it scales (0.58 for a square layer). Left so: checkpoints and tests
+            # rest on these numerics.
             self.alphas = nn.Parameter(self.weight.detach().abs().mean().reshape(1).clone())
 
     def forward(self, x):

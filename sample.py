@@ -4,6 +4,16 @@ Sample a grid of class-conditional images from a TerDiT checkpoint, with classif
     python sample.py                                   # the shipped demo (packed 2-bit ternary model), on CPU
     python sample.py --ckpt out/ckpt.pt                # a train.py checkpoint (its EMA weights)
     python sample.py --ckpt out/model.tdit --device cuda   # a pack.py file, through the fused 2-bit kernel
+    python sample.py --ckpt checkpoints/3B_1180000 --vae /models/sd-vae-ft-ema --classes 89 475 --device cuda
+                                                       # an official TerDiT checkpoint folder (Hugging Face
+                                                       # lucky-lance/TerDiT); --classes are ImageNet class indices
+
+FID samples, the paper's settings (cfg 1.5, 250 DDPM steps), spread over 8 GPUs, into the .npz that the ADM
+evaluation suite (openai/guided-diffusion evaluations/evaluator.py) reads, as DiT's sample_ddp.py writes it:
+    torchrun --nproc_per_node=8 sample.py --ckpt out/600M/model.tdit --vae /models/sd-vae-ft-ema \
+        --num-fid-samples 50000 --cfg-scale 1.5 --num-steps 250 --method ddpm --out samples_600M.npz
+    python evaluator.py VIRTUAL_imagenet256_labeled.npz samples_600M.npz   # FID, sFID, IS, precision, recall
+Interrupted? Run the same command again: finished batches (samples_600M.npz.parts/) are kept and skipped.
 
 The model is rebuilt from the config stored in the checkpoint, so no size flags are needed. On a GPU the packed
 model runs each denoising step as one CUDA graph replay (the 2-bit kernels are launch-bound at small batch).
@@ -20,25 +30,31 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 import data
 import pack
 from diffusion import Diffusion
-from model import TerDiT, TerDiTConfig
+from model import TerDiT, config_from_dict
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo.tdit")
 
 
 def load_model(path, device):
-    """A TerDiT in eval mode from a pack.py file or a train.py checkpoint (EMA weights when present)."""
+    """A TerDiT in eval mode from a pack.py file, a train.py checkpoint (EMA weights when present), or an official
+    TerDiT checkpoint folder (pack.read_reference)."""
+    if os.path.isdir(path):
+        return pack.read_reference(path)[1].to(device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist: pass --ckpt a train.py .pt or a pack.py file")
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist: pass --ckpt a train.py .pt, a pack.py file "
+                                f"or an official TerDiT checkpoint folder")
     if pack.is_packed(path):
         return pack.load_packed(path, device)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = TerDiT(TerDiTConfig(**ckpt["model_config"]))
+        model = TerDiT(config_from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     except Exception as e:
         raise ValueError(f"'{path}' is not a TerDiT checkpoint (train.py .pt or pack.py file): "
@@ -100,45 +116,110 @@ def compile_model(runner, model, n, cfg_scale):
     return time.perf_counter() - t0
 
 
+def fid_samples(args, model, runner, vae, device, rank, world):
+    """--num-fid-samples: batch b draws its classes (uniform) and noise from a generator seeded by (seed, b), so
+    the samples do not depend on the number of processes. Each finished batch goes to <out>.parts/ as uint8
+    (N, H, W, 3); a rerun skips those and shares the missing ones out over the ranks. Rank 0 then writes the
+    first num_fid_samples of them, in batch order, to <out> as arr_0 (the ADM suite's format)."""
+    cfg, B, N = model.config, args.batch_size, args.num_fid_samples
+    parts = args.out + ".parts"
+    os.makedirs(parts, exist_ok=True)
+    path = lambda b: os.path.join(parts, f"{b:06d}.npy")
+    missing = [b for b in range(-(-N // B)) if not os.path.exists(path(b))]
+    if world > 1:
+        dist.barrier()  # every rank has listed the missing batches before any rank writes one
+    for k, b in enumerate(missing[rank::world]):
+        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + b)
+        y = torch.randint(0, cfg.num_classes, (B,), generator=gen, device=device)
+        x = generate(runner, model, y, args, gen, progress=False)
+        with torch.autocast(device.type, enabled=False):  # the VAE decodes in float32, as for a grid
+            x = vae.decode(x.float()) if vae else x
+        x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()  # greyscale: 3 equal channels
+        arr = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # DiT's rounding
+        with open(path(b) + ".tmp", "wb") as f:  # written aside, then renamed: a kill never leaves half a batch
+            np.save(f, arr)
+        os.replace(path(b) + ".tmp", path(b))
+        if rank == 0:
+            print(f"batch {k + 1}/{len(missing[::world])} on each of {world} process(es)", flush=True)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        arr = np.concatenate([np.load(path(b)) for b in range(-(-N // B))])[:N]
+        with open(args.out + ".tmp", "wb") as f:
+            np.savez(f, arr_0=arr)
+        os.replace(args.out + ".tmp", args.out)
+        print(f"wrote {args.out}: {arr.shape} uint8, cfg {args.cfg_scale}, {args.num_steps} {args.method} steps, "
+              f"seed {args.seed}, from {args.ckpt} ({len(missing)} of {-(-N // B)} batches sampled by this run)")
+
+
+def generate(runner, model, y, args, generator, progress):
+    cfg = model.config
+    return Diffusion().sample(runner, y, (cfg.in_channels, cfg.input_size, cfg.input_size), args.cfg_scale,
+                              args.num_steps, args.method, clip_denoised=cfg.in_channels != 4, generator=generator,
+                              progress=progress)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample a grid of class-conditional images from a TerDiT checkpoint.")
-    p.add_argument("--ckpt", default=DEMO, help="train.py checkpoint or pack.py file (default: the shipped demo)")
+    p.add_argument("--ckpt", default=DEMO, help="train.py checkpoint, pack.py file or official TerDiT checkpoint folder (default: the shipped demo)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, one image each (default: one of each class, up to 16)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (reference: 4.0; 1 = off)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (reference: 4.0; paper's FIDs: 1.5; 1 = off)")
     p.add_argument("--num-steps", type=int, default=50, help="sampling steps (the reference: 250, with --method ddpm)")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler (DDIM needs fewer steps; the reference: ddpm)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
+    p.add_argument("--reference-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="guide only the first 3 channels, as DiT and the reference (default: as the checkpoint says; "
+                        "on for official checkpoints, off for ours)")
     p.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents (needed for models trained with --vae)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (under torchrun: each rank's GPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="regional torch.compile first (pays off over long runs, not for one grid; default: off)")
-    p.add_argument("--out", default="sample.png", help="output PNG")
+    p.add_argument("--num-fid-samples", type=int, default=0,
+                   help="instead of a grid: this many samples of random classes, as the ADM suite's .npz at --out "
+                        "(paper: 50000); torchrun spreads them over processes; rerun to resume")
+    p.add_argument("--batch-size", type=int, default=32, help="--num-fid-samples: images per batch and process")
+    p.add_argument("--out", default="sample.png", help="output PNG (.npz with --num-fid-samples)")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp and not args.num_fid_samples:
+        raise ValueError("torchrun is for --num-fid-samples; sample a grid with plain python")
+    rank, world, device = 0, 1, torch.device(args.device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+            torch.cuda.set_device(device)
     model = load_model(args.ckpt, device)
     cfg = model.config
+    if args.reference_cfg is not None:
+        cfg.reference_cfg = args.reference_cfg
     classes = args.classes if args.classes is not None else list(range(min(cfg.num_classes, 16)))
     if any(not 0 <= c < cfg.num_classes for c in classes):
         raise ValueError(f"--classes must be in 0..{cfg.num_classes - 1} for this model")
-    latent = cfg.in_channels == 4
-    if latent and not args.vae:
+    if cfg.in_channels == 4 and not args.vae:
         raise ValueError("this model works on VAE latents: pass --vae the AutoencoderKL folder it was trained with")
-    vae = data.VAE(args.vae, device) if latent else None
+    vae = data.VAE(args.vae, device) if cfg.in_channels == 4 else None
 
     y = torch.tensor(classes, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     with autocast:
         runner = CUDAGraphed(model) if device.type == "cuda" else model
+        n = args.batch_size if args.num_fid_samples else len(classes)
         if args.compile:
-            print(f"compiled in {compile_model(runner, model, len(classes), args.cfg_scale):.1f} s")
-        x = Diffusion().sample(runner, y, (cfg.in_channels, cfg.input_size, cfg.input_size), args.cfg_scale,
-                               args.num_steps, args.method, clip_denoised=not latent,
-                               generator=torch.Generator(device=device).manual_seed(args.seed), progress=True)
+            print(f"compiled in {compile_model(runner, model, n, args.cfg_scale):.1f} s")
+        if args.num_fid_samples:
+            fid_samples(args, model, runner, vae, device, rank, world)
+        else:
+            x = generate(runner, model, y, args, torch.Generator(device=device).manual_seed(args.seed), progress=True)
+    if ddp:
+        dist.destroy_process_group()
+    if args.num_fid_samples:
+        return
     data.save_grid(vae.decode(x) if vae else x, args.out, nrow=min(len(classes), 16))
     print(f"wrote {args.out}: {len(classes)} images, cfg {args.cfg_scale}, {args.num_steps} {args.method} steps, "
           f"seed {args.seed}, from {args.ckpt}")
-
 
 if __name__ == "__main__":
     try:

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from diffusion import Diffusion
-from model import SIZES, TerDiT, TerDiTConfig
+from model import SIZES, TerDiT, TerDiTConfig, config_from_dict
 
 
 def get_args(argv=None):
@@ -159,7 +159,7 @@ def main(argv=None):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; train without --resume first")
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            cfg = TerDiTConfig(**ckpt["model_config"])
+            cfg = config_from_dict(ckpt["model_config"])
         except Exception as e:
             raise ValueError(f"cannot resume from {ckpt_path}: not a readable train.py checkpoint ({e})") from None
     else:
@@ -226,10 +226,11 @@ def main(argv=None):
         noise = torch.randn(G, C, H, H, generator=gen)[share].to(device)
         flip = (torch.rand(G, generator=gen) < 0.5)[share].to(device)
         drop = (torch.rand(G, generator=gen) < cfg.class_dropout_prob)[share].to(device)
+        vae_noise = torch.randn(G, C, H, H, generator=gen)[share].to(device) if vae else None  # the latent's draw
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # horizontal flip augmentation (DiT)
         if vae:
-            x = vae.encode(x)
+            x = vae.encode(x, vae_noise)
         lr = args.lr * (0.1 if step >= args.lr_drop * args.max_steps else 1.0)
         for group in opt.param_groups:
             group["lr"] = lr

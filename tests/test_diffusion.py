@@ -1,10 +1,12 @@
 """Noise schedule, loss and samplers (diffusion.py). Run: python -m pytest tests/test_diffusion.py -v"""
 from types import SimpleNamespace
 
+import math
+
 import pytest
 import torch
 
-from diffusion import Diffusion
+from diffusion import Diffusion, discretized_gaussian_log_likelihood, normal_kl
 from model import build_model
 
 
@@ -65,7 +67,7 @@ def test_sampling_is_seeded_and_cfg_free_path_works():
 
 
 def test_loss_and_bad_arguments():
-    m = build_model("tiny", input_size=8, in_channels=1)
+    m = build_model("tiny", input_size=8, in_channels=1, learn_sigma=False)
     d = Diffusion()
     loss = d.training_loss(m, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
     assert loss.ndim == 0 and 0.5 < loss.item() < 2  # an untrained adaLN-Zero model predicts 0: MSE ≈ E[ε²] = 1
@@ -73,3 +75,112 @@ def test_loss_and_bad_arguments():
         d.sample(m, torch.tensor([0]), (1, 8, 8), method="euler")
     with pytest.raises(ValueError, match="num_steps"):
         d.sample(m, torch.tensor([0]), (1, 8, 8), num_steps=0)
+
+
+def test_normal_kl_closed_form():
+    g = torch.Generator().manual_seed(0)
+    m1, m2, lv1, lv2 = (torch.randn(50, generator=g, dtype=torch.float64) for _ in range(4))
+    p, q = torch.distributions.Normal(m1, (0.5 * lv1).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp())
+    torch.testing.assert_close(normal_kl(m1, lv1, m2, lv2), torch.distributions.kl_divergence(p, q))
+
+
+def test_discretized_gaussian_log_likelihood_closed_form():
+    # bins of width 2/255 around x, open-ended at ±1: log of exact Φ differences. DiT's tanh approximation of Φ is
+    # good to ~1e-4 absolute, so the logs agree to ~1e-3 where the bin holds a fair probability
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0], dtype=torch.float64)
+    mean = torch.tensor([-0.99, -0.49, 0.01, 0.3, 0.98], dtype=torch.float64)
+    log_scale = torch.full_like(x, math.log(0.02))
+    cdf = lambda z: torch.special.ndtr((z - mean) / 0.02)
+    exact = torch.stack([cdf(x + 1 / 255)[0].log(), (cdf(x + 1 / 255) - cdf(x - 1 / 255))[1],
+                         (cdf(x + 1 / 255) - cdf(x - 1 / 255))[2], (cdf(x + 1 / 255) - cdf(x - 1 / 255))[3],
+                         (1 - cdf(x - 1 / 255))[4].log()])
+    exact[1:4] = exact[1:4].log()
+    torch.testing.assert_close(discretized_gaussian_log_likelihood(x, mean, log_scale), exact, atol=2e-3, rtol=1e-3)
+
+
+class Fixed(torch.nn.Module):
+    """A 'model' whose output is a given tensor (ε channels, then v), whatever the input: gradients land on it."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = torch.nn.Parameter(out)
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        return self.out
+
+
+def test_hybrid_loss_is_mse_plus_vlb_by_hand():
+    d, g = Diffusion(), torch.Generator().manual_seed(0)
+    x0 = (torch.randint(0, 256, (3, 2, 4, 4), generator=g) / 127.5 - 1).double()
+    noise = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 600])  # the decoder term and two KL terms
+    out = torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64) * 0.5
+    model = Fixed(out.clone())
+    loss = d.training_loss(model, x0.float(), None, t, noise.float())
+    # by hand, in float64, from the definitions (DDPM Eqs. 6-7, IDDPM Eq. 15)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ac = torch.cumprod(1 - betas, 0)
+    vlb = []
+    for n, s in enumerate(t.tolist()):
+        a, a_prev, b = ac[s], ac[s - 1] if s > 0 else torch.tensor(1.0, dtype=torch.float64), betas[s]
+        xt = a.sqrt() * x0[n] + (1 - a).sqrt() * noise[n]
+        post_mean = lambda x_0: (a_prev.sqrt() * b * x_0 + (1 - b).sqrt() * (1 - a_prev) * xt) / (1 - a)
+        post_var = lambda k: betas[k] * (1 - (ac[k - 1] if k > 0 else 1.0)) / (1 - ac[k])
+        log_small = math.log(post_var(max(s, 1)))  # β̃_0 = 0: IDDPM uses β̃_1 there
+        frac = (out[n, 2:] + 1) / 2
+        log_var = frac * b.log() + (1 - frac) * log_small
+        mean = post_mean((xt - (1 - a).sqrt() * out[n, :2]) / a.sqrt())
+        if s == 0:
+            term = -discretized_gaussian_log_likelihood(x0[n], mean, 0.5 * log_var)
+        else:
+            term = normal_kl(post_mean(x0[n]), torch.full_like(mean, log_small), mean, log_var)
+        vlb.append(term.mean() / math.log(2))
+    mse = ((out[:, :2] - noise) ** 2).mean()
+    torch.testing.assert_close(loss.double(), mse + torch.stack(vlb).mean(), rtol=1e-4, atol=1e-5)
+    # the VLB trains only v: the ε channels' gradient is the MSE's alone
+    loss.backward()
+    torch.testing.assert_close(model.out.grad[:, :2].double(), 2 * (out[:, :2] - noise) / noise.numel(),
+                               rtol=1e-4, atol=1e-7)
+    assert model.out.grad[:, 2:].abs().sum() > 0
+
+
+class WithV(torch.nn.Module):
+    """A fixed-variance model plus a constant v channel per input channel: a learn_sigma model with chosen v."""
+
+    def __init__(self, model, v):
+        super().__init__()
+        self.model, self.v, self.config = model, v, model.config
+
+    def forward(self, x, t, y):
+        eps = self.model(x, t, y)
+        return torch.cat([eps, torch.full_like(eps, self.v)], dim=1)
+
+
+def test_learned_variance_extremes_reproduce_the_fixed_samplers():
+    torch.manual_seed(0)
+    m = build_model("tiny", input_size=8, in_channels=1, learn_sigma=False).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    d, y, steps = Diffusion(), torch.tensor([0, 7]), 10
+    run = lambda net, method="ddpm": d.sample(net, y, (1, 8, 8), cfg_scale=1.0, num_steps=steps, method=method,
+                                              generator=torch.Generator().manual_seed(3))
+    # v = 1 is "fixed large" (β_t), the sampler used without learn_sigma
+    torch.testing.assert_close(run(WithV(m, 1.0)), run(m), rtol=1e-5, atol=1e-5)
+    # DDIM ignores the variance
+    assert torch.equal(run(WithV(m, 0.3), "ddim"), run(m, "ddim"))
+    # v = -1 is "fixed small" (β̃_t): a plain DDPM loop with that variance, written out here
+    ac = d.alphas_cumprod[torch.linspace(0, 999, steps, dtype=torch.float64).round().long()]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        for i in range(steps - 1, -1, -1):
+            a, a_prev = ac[i].item(), ac[i - 1].item() if i > 0 else 1.0
+            b = 1 - a / a_prev
+            x0 = ((x - (1 - a) ** 0.5 * m(x, torch.full((2,), int(round(i * 999 / (steps - 1)))), y)) / a ** 0.5)
+            x = (a_prev ** 0.5 * b * x0.clamp(-1, 1) + (1 - b) ** 0.5 * (1 - a_prev) * x) / (1 - a)
+            if i > 0:
+                x = x + (b * (1 - a_prev) / (1 - a)) ** 0.5 * torch.randn(2, 1, 8, 8, generator=g)
+    torch.testing.assert_close(run(WithV(m, -1.0)), x, rtol=1e-4, atol=1e-4)
+    # in between, the samples differ
+    assert not torch.allclose(run(WithV(m, 0.0)), run(m), atol=1e-3)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import RMSNorm, build_model, sincos_pos_embed
+from model import RMSNorm, TerDiT, build_model, config_from_dict, sincos_pos_embed, to_reference_patch_layout
 from quant import TernaryLinear
 
 
@@ -23,11 +23,35 @@ def test_forward_shapes():
     m = tiny().eval()
     x = torch.randn(3, 1, 16, 16)
     out = m(x, torch.tensor([0, 10, 999]), torch.tensor([0, 5, 9]))
-    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert out.shape == (3, 2, 16, 16) and torch.isfinite(out).all()  # learn_sigma: ε and v
+    assert tiny(learn_sigma=False)(x, torch.tensor([0, 10, 999]), torch.tensor([0, 5, 9])).shape == x.shape
+
+
+def test_legacy_configs_load_as_legacy():
+    old = dict(input_size=16, in_channels=1, dim=64, depth=2, n_heads=2)  # a config written before the new fields
+    cfg = config_from_dict(old)
+    assert (cfg.learn_sigma, cfg.patch_layout, cfg.reference_cfg) == (False, "ppc", False)
+    assert config_from_dict({**old, "learn_sigma": True, "patch_layout": "cpp"}).learn_sigma
+
+
+def test_patch_layouts_and_conversion():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    x[0, 1, 0, 1] = 7.0  # one marked value: where it lands in the first token tells the layout
+    legacy = randomize_(build_model("tiny", input_size=8, in_channels=4, patch_layout="ppc")).eval()
+    ref = build_model("tiny", input_size=8, in_channels=4).eval()
+    assert ref.patchify(x)[0, 0].tolist().index(7.0) == 1 * 4 + 0 * 2 + 1  # (C, p, p): c=1, i=0, j=1
+    assert legacy.patchify(x)[0, 0].tolist().index(7.0) == (0 * 2 + 1) * 4 + 1  # (p, p, C)
+    state, cfg = to_reference_patch_layout(legacy.state_dict(), vars(legacy.config))
+    assert cfg["patch_layout"] == "cpp" and config_from_dict(cfg) == ref.config
+    ref.load_state_dict(state)
+    t, y = torch.tensor([3, 700]), torch.tensor([1, 2])
+    torch.testing.assert_close(ref(x, t, y), legacy(x, t, y), rtol=1e-5, atol=1e-6)
+    assert to_reference_patch_layout(state, cfg) == (state, cfg)  # already the reference layout: unchanged
 
 
 def test_patchify_roundtrip():
-    m = tiny()
+    m = tiny(learn_sigma=False)
     x = torch.randn(2, 1, 16, 16)
     assert m.patchify(x).shape == (2, 64, 4)  # (N, T, p²C)
     assert torch.equal(m.unpatchify(m.patchify(x), 16, 16), x)
@@ -39,12 +63,23 @@ def test_forward_with_cfg_doubles_the_batch():
     xx, t = torch.cat([x, torch.randn_like(x)]), torch.tensor([500, 20, 500, 20])
     y = torch.tensor([3, 4, 10, 10])  # second half: the null class
     out = m.forward_with_cfg(xx, t, y, cfg_scale=4.0)
-    assert out.shape == xx.shape
+    assert out.shape == (4, 2, 16, 16)
     assert torch.equal(out[:2], out[2:])  # both halves carry the guided prediction
     cond, uncond = m(x, t[:2], y[:2]), m(x, t[:2], y[2:])
-    torch.testing.assert_close(out[:2], uncond + 4.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[:2, :1], uncond[:, :1] + 4.0 * (cond[:, :1] - uncond[:, :1]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[:2, 1:], cond[:, 1:], rtol=1e-4, atol=1e-5)  # v: the conditional one, unguided
     # cfg_scale 1 is the plain conditional prediction
     torch.testing.assert_close(m.forward_with_cfg(xx, t, y, 1.0)[:2], cond, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_cfg_guides_the_first_3_channels():
+    torch.manual_seed(0)
+    m = randomize_(build_model("tiny", input_size=8, in_channels=4, reference_cfg=True)).eval()
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([300, 300]), torch.tensor([3, 10])
+    out = m.forward_with_cfg(torch.cat([x, x]), t, y, cfg_scale=4.0)[:1]
+    cond, uncond = m(x, t[:1], y[:1]), m(x, t[:1], y[1:])
+    torch.testing.assert_close(out[:, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[:, 3:], cond[:, 3:], rtol=1e-4, atol=1e-5)  # ε's 4th channel and v unguided
 
 
 def test_adaln_rmsnorm_switch():
