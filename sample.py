@@ -21,6 +21,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 import data
 import pack
@@ -34,15 +35,22 @@ def load_model(path, device):
     """A TerDiT in eval mode from a pack.py file or a train.py checkpoint (EMA weights when present)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' does not exist: pass --ckpt a train.py .pt or a pack.py file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"'{path}' is empty (0 bytes): pass --ckpt a train.py .pt or a pack.py file")
     if pack.is_packed(path):
         return pack.load_packed(path, device)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's own text here is about pickling and weights_only, not about the file
+        raise ValueError(f"'{path}' cannot be read as a torch checkpoint (truncated, corrupt or another format): "
+                         f"pass --ckpt a train.py .pt or a pack.py file") from None
+    try:
         model = TerDiT(TerDiTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"'{path}' is not a TerDiT checkpoint (train.py .pt or pack.py file): "
-                         f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from None
+                         f"{type(e).__name__} {reason}".rstrip()) from None
     return model.to(device).eval()
 
 
@@ -101,24 +109,28 @@ def compile_model(runner, model, n, cfg_scale):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample a grid of class-conditional images from a TerDiT checkpoint.")
+    p = argparse.ArgumentParser(description="Sample a grid of class-conditional images from a TerDiT checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=DEMO, help="train.py checkpoint or pack.py file (default: the shipped demo)")
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, one image each (default: one of each class, up to 16)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (reference: 4.0; 1 = off)")
-    p.add_argument("--num-steps", type=int, default=50, help="sampling steps (the reference: 250, with --method ddpm)")
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, one image each (None: one of each class, up to 10)")
+    p.add_argument("--cfg-scale", type=data.number(float, 0, what="a finite number >= 0"), default=4.0,
+                   help="classifier-free guidance scale (reference: 4.0; 1 = off)")
+    p.add_argument("--num-steps", type=data.number(int, 1, what="a positive integer"), default=50,
+                   help="sampling steps (the reference: 250, with --method ddpm)")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler (DDIM needs fewer steps; the reference: ddpm)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
     p.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents (needed for models trained with --vae)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="regional torch.compile first (pays off over long runs, not for one grid; default: off)")
     p.add_argument("--out", default="sample.png", help="output PNG")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    data.check_output(args.out, [args.ckpt])
+    device = args.device
     model = load_model(args.ckpt, device)
     cfg = model.config
-    classes = args.classes if args.classes is not None else list(range(min(cfg.num_classes, 16)))
+    classes = args.classes if args.classes is not None else list(range(min(cfg.num_classes, 10)))
     if any(not 0 <= c < cfg.num_classes for c in classes):
         raise ValueError(f"--classes must be in 0..{cfg.num_classes - 1} for this model")
     latent = cfg.in_channels == 4
@@ -135,7 +147,13 @@ def main(argv=None):
         x = Diffusion().sample(runner, y, (cfg.in_channels, cfg.input_size, cfg.input_size), args.cfg_scale,
                                args.num_steps, args.method, clip_denoised=not latent,
                                generator=torch.Generator(device=device).manual_seed(args.seed), progress=True)
-    data.save_grid(vae.decode(x) if vae else x, args.out, nrow=min(len(classes), 16))
+    x = vae.decode(x) if vae else x
+    if not torch.isfinite(x).all():
+        raise ValueError(f"the samples are not finite (NaN/inf) with --cfg-scale {args.cfg_scale}: nothing written; "
+                         f"check the checkpoint (a diverged run?) or lower --cfg-scale")
+    # small images (Fashion-MNIST is 32 px) upscaled by whole pixels to >= 128 px, rows of up to 10 (one per class)
+    x = F.interpolate(x.float(), scale_factor=max(1, -(-128 // x.shape[-1])), mode="nearest")
+    data.save_grid(x, args.out, nrow=min(len(classes), 10))
     print(f"wrote {args.out}: {len(classes)} images, cfg {args.cfg_scale}, {args.num_steps} {args.method} steps, "
           f"seed {args.seed}, from {args.ckpt}")
 
