@@ -55,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import kernel
 from model import TerDiT, TerDiTConfig
 from quant import TernaryLinear, export_ternary
@@ -321,11 +322,21 @@ def _mb(n):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Pack a TerDiT training checkpoint (EMA weights) for deployment.")
+    parser = argparse.ArgumentParser(description="Pack a TerDiT training checkpoint (EMA weights) for deployment.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="training checkpoint written by train.py")
     parser.add_argument("--out", required=True, help="2-bit output file (e.g. terdit.tdit); the base-3 twin "
                                                      "goes next to it (terdit.tdit3)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing --out files that are not packed models")
     args = parser.parse_args(argv)
+
+    for out in (args.out, base3_path(args.out)):  # checked before the work: both files are written at the end
+        try:
+            data.check_output(out, [args.ckpt])
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+        if os.path.isfile(out) and os.path.getsize(out) and not is_packed(out) and not args.force:
+            sys.exit(f"error: {out} exists and is not a packed model: pass --force to overwrite it, or choose another --out")
 
     try:
         ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
