@@ -27,7 +27,7 @@ def draw(path, out, *extra):
 
 def test_sample_grid_size_and_seed(ckpt, tmp_path):
     a = draw(ckpt, str(tmp_path / "a.png"), "--seed", "1")
-    assert a.shape == (18 + 2, 3 * 18 + 2)  # one row of three 16×16 greyscale images, 2 px borders
+    assert a.shape == (130 + 2, 3 * 130 + 2)  # one row of three 16×16 greyscale images upscaled 8×, 2 px borders
     assert np.array_equal(a, draw(ckpt, str(tmp_path / "b.png"), "--seed", "1"))
     assert not np.array_equal(a, draw(ckpt, str(tmp_path / "c.png"), "--seed", "2"))
 
