@@ -245,7 +245,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="regional torch.compile before sampling (default: on with CUDA, off on a CPU)")
+                   help="regional torch.compile before sampling (None: on with CUDA, off on a CPU)")
     p.add_argument("--ptq", action="store_true", help="round-to-nearest ternary PTQ of a full-precision checkpoint")
     p.add_argument("--adaln-stats", action="store_true", help="report adaLN output magnitudes instead of sampling")
     p.add_argument("--out", help="write the results as JSON here")
