@@ -8,8 +8,9 @@ The paper's 600M model on ImageNet latents, 8 GPUs (sd-vae-ft-ema in a local fol
         --image-size 256 --global-batch-size 256 --max-steps 400000 --out-dir out/600M
 Resume after a crash or a stop: the same command plus --resume. SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (what
 clusters send before preemption or a time limit) end the run after the current step with a checkpoint and exit
-code 128 + the signal's number (143, 130, 138). A run directory belongs to one run: <out-dir>/lock. The 4.2B model does not fit DDP on 80 GB GPUs
-(fp32 weights, gradients, Adam and EMA: ~85 GB per GPU); add --fsdp to shard them over the GPUs.
+code 128 + the signal's number (143, 130, 138). A run directory belongs to one run: <out-dir>/lock.
+The 4.2B model does not fit DDP on 80 GB GPUs (fp32 weights, gradients, Adam and EMA: ~85 GB per GPU); add --fsdp
+to shard them over the GPUs.
 
 Recipe (DiT and the TerDiT paper): AdamW, lr 1e-4, no weight decay, EMA 0.9999, global batch 256, bf16 autocast
 on GPU, gradient clipping at 2 (Large-DiT), and the learning rate divided by 10 late in training (the paper's
