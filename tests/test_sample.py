@@ -32,6 +32,13 @@ def test_sample_grid_size_and_seed(ckpt, tmp_path):
     assert not np.array_equal(a, draw(ckpt, str(tmp_path / "c.png"), "--seed", "2"))
 
 
+def test_grid_rows_hold_up_to_ten_classes(ckpt, tmp_path):
+    out = str(tmp_path / "g.png")
+    sample.main(["--ckpt", ckpt, "--classes", *map(str, list(range(10)) * 2), "--num-steps", "1", "--device", "cpu",
+                 "--out", out])
+    assert np.asarray(Image.open(out)).shape == (2 * 130 + 2, 10 * 130 + 2)  # 10 + 10, not 16 + 4
+
+
 def test_packed_files_sample_the_same_images(ckpt, tmp_path):
     tdit = str(tmp_path / "m.tdit")
     pack.main(["--ckpt", ckpt, "--out", tdit])
