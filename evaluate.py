@@ -238,7 +238,8 @@ def main():
     p.add_argument("--epochs", type=positive, default=5, help="classifier training epochs")
     p.add_argument("--ckpt", help="training checkpoint (.pt) or packed model (.tdit)")
     p.add_argument("--num-samples", type=positive, default=1000, help="images to generate (--adaln-stats: to feed, ≤ 64)")
-    p.add_argument("--cfg-scale", type=data.number(float, 0, what="a finite number >= 0"), default=1.5, help="guidance scale (the paper's FID setting: 1.5)")
+    p.add_argument("--cfg-scale", type=data.number(float, 0, what="a finite number >= 0"), default=1.5,
+                   help="guidance scale (the paper's FID setting: 1.5)")
     p.add_argument("--num-steps", type=positive, default=100, help="sampling steps")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler")
     p.add_argument("--batch-size", type=positive, default=500, help="images sampled at once")

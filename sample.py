@@ -111,7 +111,7 @@ def compile_model(runner, model, n, cfg_scale):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample a grid of class-conditional images from a TerDiT checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=DEMO, help="train.py checkpoint or pack.py file (the default: the shipped demo)")
+    p.add_argument("--ckpt", default=DEMO, help="train.py checkpoint or pack.py file; the default is the shipped demo")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, one image each (None: one of each class, up to 10)")
     p.add_argument("--cfg-scale", type=data.number(float, 0, what="a finite number >= 0"), default=4.0,
                    help="classifier-free guidance scale (reference: 4.0; 1 = off)")
