@@ -9,11 +9,18 @@ Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, MIT licence, Copyright © 2017 Zalan
 from Debian's dataset-fashion-mnist package. Resized to 32×32, a patch-2 DiT sees 256 tokens: the paper's
 256-px latent setting.
 
-ImageFolder: root/<class>/<image>, the ImageNet layout. Images are converted to RGB (greyscale, RGBA, CMYK,
-palette), centre-cropped and resized as in DiT (ADM's center_crop_arr). An unreadable image is an error that
-names the file: a silently shrinking dataset is worse than a stopped run.
+ImageFolder: root/<class>/<image>, the ImageNet layout. Images are converted to RGB (16-bit greyscale scaled to
+8 bits, transparency composited on white, palette, CMYK, 1-bit), centre-cropped and resized as in DiT (ADM's
+center_crop_arr). An unreadable image is an error that names the file: a silently shrinking dataset is worse than
+a stopped run. A class folder without images is left out with a warning (torchvision refuses it): as a class it
+would be a label no image teaches.
+
+Also the checks that the command-line scripts share: numeric arguments in range (number), --device (device),
+and output paths that must not be an input nor land in a missing folder (check_output).
 """
 
+import argparse
+import math
 import os
 
 import numpy as np
@@ -27,6 +34,46 @@ VAE_SCALE = 0.18215  # DiT/LDM: latents of sd-vae-ft-ema are multiplied by this 
 
 class UnreadableImage(ValueError):
     pass
+
+
+def number(cast, lo=-math.inf, hi=math.inf, what="a number"):
+    """argparse type: cast, then require a finite value in [lo, hi] (nan and inf parse as floats, then do harm)."""
+    def parse(text):
+        try:
+            v = cast(text)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return v
+    return parse
+
+
+def device(text):
+    """argparse type for --device: cpu, cuda or cuda:N, and CUDA only where there is one."""
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but this torch has no CUDA device: use --device cpu")
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported here: use cpu, cuda or cuda:N")
+    return d
+
+
+def check_output(path, inputs=(), flag="--out"):
+    """Refuse, before any work, an output that would overwrite one of the inputs or that cannot be written."""
+    for i in inputs:
+        if os.path.exists(i) and os.path.realpath(path) == os.path.realpath(i):
+            raise ValueError(f"{flag} {path} is the input {i}: writing it would destroy the input; choose another {flag}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory: give a file name")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another {flag}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable; choose another {flag}")
 
 
 def load_embedded(split="train"):
@@ -66,6 +113,18 @@ def center_crop_arr(pil_image, image_size):
     return arr[top: top + image_size, left: left + image_size]
 
 
+def to_rgb(im):
+    """An 8-bit RGB PIL image from any mode. PIL's own convert("RGB") clips 16-bit greyscale (I;16, I) to
+    white and drops transparency (showing whatever colour hides under it), so those two are done here."""
+    from PIL import Image
+    if im.mode.startswith("I"):  # 16-bit greyscale PNG: 0..65535 -> 0..255
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+    return im.convert("RGB")
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """root/<class_name>/<image>; labels are the sorted class folder names' indices."""
 
@@ -73,9 +132,13 @@ class ImageFolder(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data directory '{root}' does not exist: pass --data a folder of class "
                                     f"sub-folders of images, or leave --data out to use the embedded dataset")
-        self.class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.samples = [(os.path.join(root, c, f), label) for label, c in enumerate(self.class_names)
-                        for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        images = {d: [f for f in sorted(os.listdir(os.path.join(root, d))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                  for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))}
+        empty = [d for d, files in images.items() if not files]
+        if empty and images.keys() - empty:
+            print(f"warning: ignoring {len(empty)} class folder(s) without images in '{root}': {', '.join(empty)}")
+        self.class_names = [d for d, files in images.items() if files]
+        self.samples = [(os.path.join(root, c, f), label) for label, c in enumerate(self.class_names) for f in images[c]]
         if not self.samples:
             raise ValueError(f"no images found in '{root}': expected <class>/<image>{IMAGE_EXTENSIONS[0]} files "
                              f"(the ImageNet layout)")
@@ -89,7 +152,7 @@ class ImageFolder(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                arr = center_crop_arr(im.convert("RGB"), self.image_size)
+                arr = center_crop_arr(to_rgb(im), self.image_size)
         except Exception as e:
             raise UnreadableImage(f"cannot read image '{path}' ({type(e).__name__}: {e}): "
                                   f"delete or replace the file and restart") from None

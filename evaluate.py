@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import os
+import sys
 import time
 
 import torch
@@ -230,23 +231,28 @@ def score(x, y, clf, seed=0):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    positive = data.number(int, 1, what="a positive integer")
     p.add_argument("--train-classifier", action="store_true", help="train and save assets/fmnist_classifier.pt")
-    p.add_argument("--epochs", type=int, default=5, help="classifier training epochs")
+    p.add_argument("--epochs", type=positive, default=5, help="classifier training epochs")
     p.add_argument("--ckpt", help="training checkpoint (.pt) or packed model (.tdit)")
-    p.add_argument("--num-samples", type=int, default=1000, help="images to generate (--adaln-stats: to feed, ≤ 64)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale (the paper's FID setting: 1.5)")
-    p.add_argument("--num-steps", type=int, default=100, help="sampling steps")
+    p.add_argument("--num-samples", type=positive, default=1000, help="images to generate (--adaln-stats: to feed, ≤ 64)")
+    p.add_argument("--cfg-scale", type=data.number(float, 0, what="a finite number >= 0"), default=1.5,
+                   help="guidance scale (the paper's FID setting: 1.5)")
+    p.add_argument("--num-steps", type=positive, default=100, help="sampling steps")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler")
-    p.add_argument("--batch-size", type=int, default=500, help="images sampled at once")
+    p.add_argument("--batch-size", type=positive, default=500, help="images sampled at once")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="regional torch.compile before sampling (default: on with CUDA, off on a CPU)")
+                   help="regional torch.compile before sampling (None: on with CUDA, off on a CPU)")
     p.add_argument("--ptq", action="store_true", help="round-to-nearest ternary PTQ of a full-precision checkpoint")
     p.add_argument("--adaln-stats", action="store_true", help="report adaLN output magnitudes instead of sampling")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
+    if args.out:
+        data.check_output(args.out, [args.ckpt] if args.ckpt else [])
 
     if args.train_classifier:
         train_classifier(epochs=args.epochs, seed=args.seed)
@@ -271,8 +277,9 @@ def main():
         compile = args.compile if args.compile is not None else torch.device(args.device).type == "cuda"
         x, y = generate(model, args.num_samples, args.cfg_scale, args.num_steps, args.method, args.batch_size,
                         args.seed, args.device, compile)
-        keys = ("num_samples", "cfg_scale", "num_steps", "method", "seed", "device")
-        result.update({k: getattr(args, k) for k in keys}, sample_seconds=round(time.time() - t0, 1))
+        keys = ("num_samples", "cfg_scale", "num_steps", "method", "seed")
+        result.update({k: getattr(args, k) for k in keys}, device=str(args.device),
+                      sample_seconds=round(time.time() - t0, 1))
         result.update(score(x, y, load_classifier(), seed=args.seed))
         print(" ".join(f"{k}={result[k]:.4g}" for k in ("accuracy", "fd", "floor_fd", "real_acc")) +
               f" ckpt_bytes={result['ckpt_bytes']}")
@@ -283,4 +290,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")

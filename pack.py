@@ -58,6 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import kernel
 from model import SIZES, TerDiT, TerDiTConfig, config_from_dict, to_reference_patch_layout
 from quant import TernaryLinear, export_ternary
@@ -394,13 +395,23 @@ def relayout_packed(src, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Pack a TerDiT checkpoint (EMA weights) for deployment.")
+    parser = argparse.ArgumentParser(description="Pack a TerDiT checkpoint (EMA weights) for deployment.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="training checkpoint written by train.py, an official TerDiT "
                         "checkpoint folder (model_args.pth + consolidated_ema_ternary.00-of-01.pth), or a packed "
                         "file of the legacy patch layout to rewrite in the reference layout")
     parser.add_argument("--out", required=True, help="2-bit output file (e.g. terdit.tdit); the base-3 twin "
                                                      "goes next to it (terdit.tdit3)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing --out files that are not packed models")
     args = parser.parse_args(argv)
+
+    for out in (args.out, base3_path(args.out)):  # checked before the work: both files are written at the end
+        try:
+            data.check_output(out, [args.ckpt])
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+        if os.path.isfile(out) and os.path.getsize(out) and not is_packed(out) and not args.force:
+            sys.exit(f"error: {out} exists and is not a packed model: pass --force to overwrite it, or choose another --out")
 
     if os.path.isfile(args.ckpt) and is_packed(args.ckpt):
         try:

@@ -33,6 +33,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import data
 import pack
@@ -47,18 +48,25 @@ def load_model(path, device):
     TerDiT checkpoint folder (pack.read_reference)."""
     if os.path.isdir(path):
         return pack.read_reference(path)[1].to(device)
+    what = "pass --ckpt a train.py .pt, a pack.py file or an official TerDiT checkpoint folder"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist: pass --ckpt a train.py .pt, a pack.py file "
-                                f"or an official TerDiT checkpoint folder")
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist: {what}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"'{path}' is empty (0 bytes): {what}")
     if pack.is_packed(path):
         return pack.load_packed(path, device)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's own text here is about pickling and weights_only, not about the file
+        raise ValueError(f"'{path}' cannot be read as a torch checkpoint (truncated, corrupt or another format): "
+                         f"{what}") from None
+    try:
         model = TerDiT(config_from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"'{path}' is not a TerDiT checkpoint (train.py .pt or pack.py file): "
-                         f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from None
+                         f"{type(e).__name__} {reason}".rstrip()) from None
     return model.to(device).eval()
 
 
@@ -160,31 +168,37 @@ def generate(runner, model, y, args, generator, progress):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample a grid of class-conditional images from a TerDiT checkpoint.")
-    p.add_argument("--ckpt", default=DEMO, help="train.py checkpoint, pack.py file or official TerDiT checkpoint folder (default: the shipped demo)")
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, one image each (default: one of each class, up to 16)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (reference: 4.0; paper's FIDs: 1.5; 1 = off)")
-    p.add_argument("--num-steps", type=int, default=50, help="sampling steps (the reference: 250, with --method ddpm)")
+    p = argparse.ArgumentParser(description="Sample a grid of class-conditional images from a TerDiT checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=DEMO, help="train.py checkpoint, pack.py file or official TerDiT checkpoint folder; the default is the shipped demo")
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, one image each (None: one of each class, up to 10)")
+    p.add_argument("--cfg-scale", type=data.number(float, 0, what="a finite number >= 0"), default=4.0,
+                   help="classifier-free guidance scale (reference: 4.0; paper's FIDs: 1.5; 1 = off)")
+    p.add_argument("--num-steps", type=data.number(int, 1, what="a positive integer"), default=50,
+                   help="sampling steps (the reference: 250, with --method ddpm)")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler (DDIM needs fewer steps; the reference: ddpm)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
     p.add_argument("--reference-cfg", action=argparse.BooleanOptionalAction, default=None,
                    help="guide only the first 3 channels, as DiT and the reference (default: as the checkpoint says; "
                         "on for official checkpoints, off for ours)")
     p.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents (needed for models trained with --vae)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (under torchrun: each rank's GPU)")
+    p.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (under torchrun: each rank's GPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="regional torch.compile first (pays off over long runs, not for one grid; default: off)")
-    p.add_argument("--num-fid-samples", type=int, default=0,
+                   help="regional torch.compile first (pays off over long runs, not for one grid)")
+    p.add_argument("--num-fid-samples", type=data.number(int, 0, what="an integer >= 0"), default=0,
                    help="instead of a grid: this many samples of random classes, as the ADM suite's .npz at --out "
                         "(paper: 50000); torchrun spreads them over processes; rerun to resume")
-    p.add_argument("--batch-size", type=int, default=32, help="--num-fid-samples: images per batch and process")
+    p.add_argument("--batch-size", type=data.number(int, 1, what="a positive integer"), default=32,
+                   help="--num-fid-samples: images per batch and process")
     p.add_argument("--out", default="sample.png", help="output PNG (.npz with --num-fid-samples)")
     args = p.parse_args(argv)
 
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
     if ddp and not args.num_fid_samples:
         raise ValueError("torchrun is for --num-fid-samples; sample a grid with plain python")
-    rank, world, device = 0, 1, torch.device(args.device)
+    data.check_output(args.out, [args.ckpt])
+    rank, world, device = 0, 1, args.device
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -195,7 +209,7 @@ def main(argv=None):
     cfg = model.config
     if args.reference_cfg is not None:
         cfg.reference_cfg = args.reference_cfg
-    classes = args.classes if args.classes is not None else list(range(min(cfg.num_classes, 16)))
+    classes = args.classes if args.classes is not None else list(range(min(cfg.num_classes, 10)))
     if any(not 0 <= c < cfg.num_classes for c in classes):
         raise ValueError(f"--classes must be in 0..{cfg.num_classes - 1} for this model")
     if cfg.in_channels == 4 and not args.vae:
@@ -217,7 +231,13 @@ def main(argv=None):
         dist.destroy_process_group()
     if args.num_fid_samples:
         return
-    data.save_grid(vae.decode(x) if vae else x, args.out, nrow=min(len(classes), 16))
+    x = vae.decode(x) if vae else x
+    if not torch.isfinite(x).all():
+        raise ValueError(f"the samples are not finite (NaN/inf) with --cfg-scale {args.cfg_scale}: nothing written; "
+                         f"check the checkpoint (a diverged run?) or lower --cfg-scale")
+    # small images (Fashion-MNIST is 32 px) upscaled by whole pixels to >= 128 px, rows of up to 10 (one per class)
+    x = F.interpolate(x.float(), scale_factor=max(1, -(-128 // x.shape[-1])), mode="nearest")
+    data.save_grid(x, args.out, nrow=min(len(classes), 10))
     print(f"wrote {args.out}: {len(classes)} images, cfg {args.cfg_scale}, {args.num_steps} {args.method} steps, "
           f"seed {args.seed}, from {args.ckpt}")
 

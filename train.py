@@ -6,8 +6,11 @@ CPU or one GPU, no arguments: a tiny ternary model on the embedded Fashion-MNIST
 The paper's 600M model on ImageNet latents, 8 GPUs (sd-vae-ft-ema in a local folder, ImageNet in class folders):
     torchrun --standalone --nproc_per_node=8 train.py --size 600M --data /data/imagenet/train --vae /models/sd-vae-ft-ema \
         --image-size 256 --global-batch-size 256 --max-steps 400000 --out-dir out/600M
-Resume after a crash or a stop: the same command plus --resume. The 4.2B model does not fit DDP on 80 GB GPUs
-(fp32 weights, gradients, Adam and EMA: ~85 GB per GPU); add --fsdp to shard them over the GPUs.
+Resume after a crash or a stop: the same command plus --resume. SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (what
+clusters send before preemption or a time limit) end the run after the current step with a checkpoint and exit
+code 128 + the signal's number (143, 130, 138). A run directory belongs to one run: <out-dir>/lock.
+The 4.2B model does not fit DDP on 80 GB GPUs (fp32 weights, gradients, Adam and EMA: ~85 GB per GPU); add --fsdp
+to shard them over the GPUs.
 
 Recipe (DiT and the TerDiT paper): AdamW, lr 1e-4, no weight decay, EMA 0.9999, global batch 256, bf16 autocast
 on GPU, gradient clipping at 2 (Large-DiT), and the learning rate divided by 10 late in training (the paper's
@@ -25,9 +28,11 @@ import functools
 import json
 import math
 import os
+import signal
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
@@ -43,30 +48,34 @@ from model import SIZES, TerDiT, TerDiTConfig, config_from_dict
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a ternary DiT (TerDiT) with quantization-aware training.")
+    p = argparse.ArgumentParser(description="Train a ternary DiT (TerDiT) with quantization-aware training.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    positive, nonneg = data.number(int, 1, what="a positive integer"), data.number(int, 0, what="an integer >= 0")
+    fraction = data.number(float, 0, 1, what="a number in [0, 1]")
+    positive_float = data.number(float, 1e-12, what="a positive number")
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size from model.SIZES (paper: 600M, 4.2B)")
-    p.add_argument("--data", default=None, help="ImageFolder root (class sub-folders); default: embedded Fashion-MNIST")
+    p.add_argument("--data", default=None, help="ImageFolder root (class sub-folders); None: embedded Fashion-MNIST")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder: train on its latents (paper: sd-vae-ft-ema)")
-    p.add_argument("--image-size", type=int, default=32, help="image side in pixels (paper: 256 with --vae)")
+    p.add_argument("--image-size", type=positive, default=32, help="image side in pixels (paper: 256 with --vae)")
     p.add_argument("--fp", action="store_true", help="train the full-precision twin instead of the ternary model")
     p.add_argument("--no-adaln-norm", action="store_true", help="drop the RMSNorm after the adaLN linear (paper's ablation)")
     p.add_argument("--pos-embed", action="store_true", help="add DiT's 2-D sin-cos position embedding (not in the reference; the demo uses it)")
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard weights, gradients, Adam state and EMA over the ranks (FSDP2) instead of DDP")
-    p.add_argument("--no-compile", action="store_true", help="run the blocks eagerly on CUDA (default: torch.compile them; CPU never compiles)")
-    p.add_argument("--global-batch-size", type=int, default=32, help="images per optimizer step over all ranks (paper: 256)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="images per forward pass per rank; default: all of the rank's share")
-    p.add_argument("--max-steps", type=int, default=400, help="optimizer steps to train for")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (DiT, TerDiT: 1e-4)")
-    p.add_argument("--lr-drop", type=float, default=0.75, help="fraction of --max-steps after which the lr is divided by 10")
-    p.add_argument("--grad-clip", type=float, default=2.0, help="max global gradient norm (Large-DiT: 2.0)")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (DiT: 0.9999), warmed up as min(decay, (1+s)/(10+s))")
+    p.add_argument("--no-compile", action="store_true", help="run the blocks eagerly on CUDA (otherwise torch.compile them; CPU never compiles)")
+    p.add_argument("--global-batch-size", type=positive, default=32, help="images per optimizer step over all ranks (paper: 256)")
+    p.add_argument("--micro-batch-size", type=positive, default=None, help="images per forward pass per rank (None: all of the rank's share)")
+    p.add_argument("--max-steps", type=positive, default=400, help="optimizer steps to train for")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (DiT, TerDiT: 1e-4)")
+    p.add_argument("--lr-drop", type=fraction, default=0.75, help="fraction of --max-steps after which the lr is divided by 10")
+    p.add_argument("--grad-clip", type=positive_float, default=2.0, help="max global gradient norm (Large-DiT: 2.0)")
+    p.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay (DiT: 0.9999), warmed up as min(decay, (1+s)/(10+s))")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out-dir", default="out", help="where checkpoints, log.jsonl and sample grids go")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
-    p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints (always one at the end)")
-    p.add_argument("--sample-every", type=int, default=200, help="steps between sample grids (0: only at the end)")
-    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank for an ImageFolder")
+    p.add_argument("--log-every", type=positive, default=20, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=positive, default=200, help="steps between checkpoints (always one at the end)")
+    p.add_argument("--sample-every", type=nonneg, default=200, help="steps between sample grids (0: only at the end)")
+    p.add_argument("--num-workers", type=nonneg, default=4, help="data loader processes per rank for an ImageFolder")
     return p.parse_args(argv)
 
 
@@ -94,6 +103,108 @@ class GlobalBatches(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.max_steps - self.start_step
+
+
+SHAPING = ("size", "image_size", "fp", "no_adaln_norm", "pos_embed")  # flags that fix the model a checkpoint holds
+DIVERGED = 10.0  # mean ε-MSE above which a run has blown up: a model that outputs zeros scores 1
+
+
+@contextmanager
+def run_dir_lock(out_dir):
+    """Own out_dir for the run: <out_dir>/lock holds "PID host", created atomically (O_EXCL), so a second run
+    into the same directory is refused. A lock of a process that is gone (same host) is stale and taken over.
+    The lock goes at exit, and so does the directory if this run created it and left it empty."""
+    created = not os.path.isdir(out_dir)
+    path, host = os.path.join(out_dir, "lock"), socket.gethostname()
+    while True:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if not os.path.isfile(path):  # out_dir is a file
+                raise ValueError(f"--out-dir {out_dir} is not a directory: choose another --out-dir") from None
+            with open(path) as f:
+                pid, _, owner = f.read().strip().partition(" ")
+            if not (pid.isdigit() and owner == host and not pid_alive(int(pid))):
+                raise FileExistsError(f"{out_dir} is in use by another run (PID {pid or '?'} on {owner or '?'}): wait "
+                                      f"for it, or choose another --out-dir (delete {path} if that run is gone)") from None
+            print(f"warning: taking over the stale lock {path} (PID {pid} is no longer running)")
+            os.remove(path)
+        except (PermissionError, NotADirectoryError) as e:
+            raise ValueError(f"cannot write to --out-dir {out_dir} ({e.strerror}): choose another --out-dir") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {host}")
+    try:
+        yield
+    finally:
+        os.remove(path)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def truncate_log(path, step):
+    """Keep the log lines up to the checkpoint's step: a run that stopped after its checkpoint logged steps that
+    the resumed run logs again (and a crash may have cut the last line short)."""
+    def step_of(line):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if step_of(line) <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+class StopSignal:
+    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop ends after the step it is in (a second signal interrupts
+    at once). Under DDP each rank's flag is all-reduced (MAX) asynchronously over a CPU (gloo) group and read one
+    step later: every rank stops at the same step, and no step waits for the GPU or the other ranks."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __enter__(self):
+        self.signum, self.work, self.group = 0, None, None
+        self.previous = [signal.signal(s, self.handler) for s in self.SIGNALS]
+        return self
+
+    def handler(self, signum, frame):
+        if self.signum:
+            signal.default_int_handler(signum, frame)
+        self.signum = signum
+
+    def __call__(self):
+        """The signal number all ranks stop for after this step (0: go on)."""
+        if not dist.is_initialized():
+            return self.signum
+        self.group = self.group or dist.new_group(backend="gloo")
+        agreed = 0
+        if self.work is not None:
+            self.work.wait()
+            agreed = int(self.flag.item())
+        self.flag = torch.tensor([self.signum])
+        self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def drain(self):
+        if self.work is not None:
+            self.work.wait()  # every rank issued the same all-reduces: none is left in flight at teardown
+
+    def __exit__(self, *exc):
+        for s, h in zip(self.SIGNALS, self.previous):
+            signal.signal(s, h)
 
 
 def save_checkpoint(obj, path):
@@ -124,6 +235,12 @@ def sample_grid(ema, cfg, vae, device, path, autocast, save):
 
 def main(argv=None):
     args = get_args(argv)
+    # under torchrun only rank 0 takes the lock; if it cannot, it exits non-zero and torchrun stops the others
+    with run_dir_lock(args.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext(), StopSignal() as stop:
+        train(args, stop)
+
+
+def train(args, stop_signal):
     # DDP the nanoGPT way: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python train.py` runs one process
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
@@ -153,7 +270,7 @@ def main(argv=None):
     # data (and, in latent mode, the VAE that turns images into the DiT's 4-channel latents)
     dataset = data.load_dataset(args.data, args.image_size)
     vae = data.VAE(args.vae, device) if args.vae else None
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; train without --resume first")
@@ -162,9 +279,19 @@ def main(argv=None):
             cfg = config_from_dict(ckpt["model_config"])
         except Exception as e:
             raise ValueError(f"cannot resume from {ckpt_path}: not a readable train.py checkpoint ({e})") from None
+        for k in SHAPING:
+            if k in ckpt.get("args", {}) and ckpt["args"][k] != getattr(args, k):
+                flag = "--" + k.replace("_", "-")
+                raise ValueError(f"--resume: {flag} {getattr(args, k)} conflicts with the checkpoint's {ckpt['args'][k]}: "
+                                 f"resume with the flags of the run that wrote {ckpt_path}")
+        if master_process:
+            truncate_log(log_path, ckpt["step"])
     else:
         if os.path.exists(ckpt_path):
             raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
+        if os.path.exists(log_path):
+            raise FileExistsError(f"{log_path} exists from a run that wrote no checkpoint: delete it, or choose "
+                                  f"another --out-dir")
         cfg = TerDiTConfig(**SIZES[args.size], input_size=args.image_size // 8 if vae else args.image_size,
                            in_channels=4 if vae else dataset.channels, num_classes=len(dataset.class_names),
                            ternary=not args.fp, adaln_norm=not args.no_adaln_norm, pos_embed=args.pos_embed)
@@ -208,8 +335,6 @@ def main(argv=None):
         f"{'on' if cfg.adaln_norm else 'off'}): {n_params / 1e6:.2f}M parameters, {len(dataset)} images, "
         f"{world} process(es) on {device.type}{' (FSDP)' if args.fsdp else ''}{', compiled' if compile_ else ''}, "
         f"global batch {G} = {world} x {accum} x {micro}")
-    if master_process:
-        os.makedirs(args.out_dir, exist_ok=True)
 
     sampler = GlobalBatches(len(dataset), G, rank, world, args.seed, step, args.max_steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, pin_memory=device.type == "cuda",
@@ -219,6 +344,7 @@ def main(argv=None):
     loss_sum, loss_count = torch.zeros((), device=device), 0
     t0 = t_log = time.time()
     start_step = step
+    stopped = 0
     for x, y in loader:
         # this step's random draws, over the global batch, from a generator seeded by (seed, step)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -254,15 +380,16 @@ def main(argv=None):
                 torch.cuda.synchronize(device)
             log(f"first step took {time.time() - t0:.1f} s{' (including torch.compile)' if compile_ else ''}")
 
-        last = step == args.max_steps
+        stopped = stop_signal()
+        last = step == args.max_steps or stopped
         ckpt_now = step % args.ckpt_every == 0 or last
         if step % args.log_every == 0 or ckpt_now:
             if ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             mean_loss = loss_sum.item() / loss_count  # note: a CPU-GPU sync point, only every log_every steps
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"loss is {mean_loss} at step {step}: stopping without writing a checkpoint "
-                                         f"(the last good one is {ckpt_path}); try a lower --lr")
+            if not mean_loss <= DIVERGED:  # also NaN
+                raise FloatingPointError(f"loss is {mean_loss:.4g} at step {step}, the run diverged: stopping without "
+                                         f"writing a checkpoint (the last good one is {ckpt_path}); try a lower --lr")
             dt = time.time() - t_log
             sps = loss_count / dt
             eta = (args.max_steps - step) * (time.time() - t0) / (step - start_step)
@@ -281,6 +408,8 @@ def main(argv=None):
             if master_process:
                 save_checkpoint({**state, "step": step, "model_config": asdict(cfg), "args": vars(args)}, ckpt_path)
             del state
+        if stopped:
+            break
         if samples and (last or (args.sample_every and step % args.sample_every == 0)):
             sample_grid(ema, cfg, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast,
                         save=master_process)
@@ -291,7 +420,11 @@ def main(argv=None):
             mine, mems = mems[0], [torch.empty_like(mems[0]) for _ in range(world)]
             dist.all_gather(mems, mine)
         peak = f", peak GPU memory per rank {', '.join(f'{m.item():.2f}' for m in mems)} GiB"
-    log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min{peak}, checkpoint {ckpt_path}")
+    if stopped:
+        log(f"stopped by {signal.Signals(stopped).name} at step {step}: checkpoint {ckpt_path}; to continue, run "
+            f"the same command with --resume (exit code {128 + stopped})")
+    else:
+        log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min{peak}, checkpoint {ckpt_path}")
     if ddp and not args.fsdp:  # DDP keeps replicas identical by construction; check it (one checksum per tensor)
         sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
         lo, hi = sums.clone(), sums.clone()
@@ -299,8 +432,11 @@ def main(argv=None):
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         log(f"weights identical on all {world} ranks: {'yes' if torch.equal(lo, hi) else 'NO'}")
     if ddp:
+        stop_signal.drain()
         del model  # DDP's reducer must go before its process group (else teardown can hang under gloo)
         dist.destroy_process_group()
+    if stopped:
+        sys.exit(128 + stopped)
 
 
 if __name__ == "__main__":

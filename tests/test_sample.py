@@ -27,9 +27,16 @@ def draw(path, out, *extra):
 
 def test_sample_grid_size_and_seed(ckpt, tmp_path):
     a = draw(ckpt, str(tmp_path / "a.png"), "--seed", "1")
-    assert a.shape == (18 + 2, 3 * 18 + 2)  # one row of three 16×16 greyscale images, 2 px borders
+    assert a.shape == (130 + 2, 3 * 130 + 2)  # one row of three 16×16 greyscale images upscaled 8×, 2 px borders
     assert np.array_equal(a, draw(ckpt, str(tmp_path / "b.png"), "--seed", "1"))
     assert not np.array_equal(a, draw(ckpt, str(tmp_path / "c.png"), "--seed", "2"))
+
+
+def test_grid_rows_hold_up_to_ten_classes(ckpt, tmp_path):
+    out = str(tmp_path / "g.png")
+    sample.main(["--ckpt", ckpt, "--classes", *map(str, list(range(10)) * 2), "--num-steps", "1", "--device", "cpu",
+                 "--out", out])
+    assert np.asarray(Image.open(out)).shape == (2 * 130 + 2, 10 * 130 + 2)  # 10 + 10, not 16 + 4
 
 
 def test_packed_files_sample_the_same_images(ckpt, tmp_path):
