@@ -88,3 +88,11 @@ def test_latent_mode_with_a_tiny_random_vae(tmp_path, image_folder):
     png = str(tmp_path / "s.png")
     sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--vae", str(tmp_path / "vae"), "--classes", "0", "1",
                  "--num-steps", "3", "--out", png])
+    assert Image.open(png).size == (2 * 130 + 2, 130 + 2)  # 32 px upscaled 4× by sample.py
+    # the latent is drawn from the noise passed in, never from the global RNG (train.py's per-step generator)
+    v, x = data.VAE(str(tmp_path / "vae"), "cpu"), torch.rand(2, 3, 32, 32) * 2 - 1
+    noise = torch.randn(2, 4, 4, 4)
+    torch.manual_seed(1)
+    a = v.encode(x, noise)
+    torch.manual_seed(2)
+    assert torch.equal(a, v.encode(x, noise)) and not torch.equal(a, v.encode(x, torch.randn(2, 4, 4, 4)))
