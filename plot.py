@@ -1,7 +1,9 @@
 """
-Training-loss curves of one or more runs, from their log.jsonl files (written by train.py), as one PNG.
+Training-loss curves of one or more runs, from their log.jsonl files (written by train.py), as one PNG; or the
+2-bit kernel's speed-up over cuBLAS per layer shape, from a `bench.py --what kernels` JSON.
 
     python plot.py --logs out/ternary/log.jsonl out/fp/log.jsonl --labels ternary fp --out assets/loss.png
+    python plot.py --kernels bench_results/kernels_h100.json --out results/kernel_speedup.png
 
 Each curve is a centred moving median (--smooth log points) over the faint raw losses. matplotlib is needed
 by this script only (pip install matplotlib); nothing else in the repository imports it.
@@ -33,16 +35,34 @@ def smooth(v, k):
     return [sorted(v[i - h[i]: i + h[i] + 1])[h[i]] for i in range(len(v))]
 
 
+def plot_kernels(ax, path):
+    """Speed-up (cuBLAS time / ternary time) against the token count M, one line per layer shape."""
+    with open(path) as f:
+        results = json.load(f)
+    shapes = {}
+    for r in results["kernels"]:
+        shapes.setdefault(f"{r['model']} {r['layer']} {r['K']}→{r['N']}", []).append((r["M"], r["speedup"]))
+    for label, points in shapes.items():
+        ax.plot(*zip(*sorted(points)), marker="o", markersize=3, linewidth=1.2, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set(xscale="log", xlabel="tokens M (batch x 256 per linear)", ylabel="speed-up over cuBLAS bf16")
+    ax.set_title(f"2-bit kernel vs cuBLAS, {results['device']}")
+    ax.legend(fontsize=7, ncol=2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Plot training-loss curves from train.py's log.jsonl files.")
-    p.add_argument("--logs", nargs="+", required=True, help="log.jsonl files, one curve each")
+    p.add_argument("--logs", nargs="+", default=None, help="log.jsonl files, one curve each")
+    p.add_argument("--kernels", default=None, help="instead: a bench.py --what kernels JSON, speed-up per shape")
     p.add_argument("--labels", nargs="+", default=None, help="curve labels (default: each log's folder name)")
     p.add_argument("--smooth", type=int, default=20, help="smoothing window, in log points")
     p.add_argument("--logy", action="store_true", help="log-scale loss axis")
     p.add_argument("--out", default="assets/loss.png", help="output PNG")
     args = p.parse_args(argv)
-    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(f))) for f in args.logs]
-    if len(labels) != len(args.logs):
+    if bool(args.logs) == bool(args.kernels):
+        sys.exit("error: give --logs (loss curves) or --kernels (kernel speed-ups), one of the two")
+    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(f))) for f in args.logs or []]
+    if args.logs and len(labels) != len(args.logs):
         sys.exit(f"error: {len(args.logs)} --logs but {len(labels)} --labels")
     try:
         import matplotlib
@@ -52,16 +72,19 @@ def main(argv=None):
         sys.exit("error: plot.py needs matplotlib (an optional dependency): pip install matplotlib")
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for path, label in zip(args.logs, labels):
+    if args.kernels:
+        plot_kernels(ax, args.kernels)
+    for path, label in zip(args.logs or [], labels):
         steps, losses = read_log(path)
         if not steps:
             sys.exit(f"error: no loss records in '{path}'")
         line, = ax.plot(steps, smooth(losses, args.smooth), label=label, linewidth=1.5)
         ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
-    ax.set(xlabel="step", ylabel="training loss (ε-MSE)", yscale="log" if args.logy else "linear")
-    ax.set_title(f"training loss, centred moving median over {args.smooth} log points")
+    if args.logs:
+        ax.set(xlabel="step", ylabel="training loss", yscale="log" if args.logy else "linear")
+        ax.set_title(f"training loss, centred moving median over {args.smooth} log points")
+        ax.legend()
     ax.grid(alpha=0.3)
-    ax.legend()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(args.out)
