@@ -124,7 +124,6 @@ def bench_kernels(args):
             tf = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, config=fused), n,
                             args.reps) if dequant else tk
             tc = time_graph(lambda i: F.linear(x, Wb[i % len(Wb)]), n, args.reps)
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
             r = dict(model=model, layer=layer, K=K, N=N, M=M, kernel_us=tk, cublas_us=tc, speedup=tc / tk,
                      TBps=nbytes / tk / 1e6, TFLOPs=flops / tk / 1e6, cublas_TFLOPs=flops / tc / 1e6,
                      rel_err=err, fused_us=tf, config="dequant+cuBLAS" if dequant else "%s/cs%d" % fused)
@@ -270,8 +269,8 @@ def bench_variants(model, name, packed, args):
 def model_tables(rows, sizes, steps):
     """The markdown of bench_model: a timing table (speed-up against the faster bf16 variant at the same size and
     batch) and a weights table."""
-    out = [f"## End to end: CFG, random ternary weights, each step one CUDA-graph replay; compiled = regional "
-           f"torch.compile (default mode), first call = compile (cold) + capture", "",
+    out = ["## End to end: CFG, random ternary weights, each step one CUDA-graph replay; compiled = regional "
+           "torch.compile (default mode), first call = compile (cold) + capture", "",
            f"| size | batch | model | step ms | vs best bf16 | {steps}-step sample s | peak GiB | first call s | "
            "kernel ms/step | outside ternary matmuls ms (share) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -39,10 +39,13 @@ per step, nothing next to the matmuls). Its backward is the chain rule written o
     dL/dx = g · W_Q          dL/dW_Q = gᵀ · x          dL/dW = α · dL/dW_Q   (STE: dW̃/dW := 1)
     dL/dα = Σ dL/dW_Q ⊙ W̃    dL/db = Σ_tokens g
 
-the same numbers autograd computes for the composed form (tests/test_quant.py checks it).
+the same numbers autograd computes for the composed form (tests/test_quant.py checks it). On an H200 this took
+the 600M model's eager training step from 41.4 to 38.0 GiB at batch 64 (README, training step); under
+torch.compile, as train.py runs on a GPU, it fuses into a few passes: the QAT step costs 0.99-1.04x the FP one.
 
 At deployment the latent weights are thrown away: `export_ternary` returns each layer's trits (int8) and α,
-which pack.py stores in 2 bits each and kernel.py multiplies without ever expanding them to 16 bits.
+which pack.py stores in 2 bits each and kernel.py multiplies (at small batch without ever expanding them to
+16 bits).
 """
 
 import torch

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import RMSNorm, TerDiT, build_model, config_from_dict, sincos_pos_embed, to_reference_patch_layout
+from model import RMSNorm, build_model, config_from_dict, sincos_pos_embed, to_reference_patch_layout
 from quant import TernaryLinear
 
 
