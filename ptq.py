@@ -37,7 +37,6 @@ integer kernels (this is fake quantization: it measures quality, not speed or me
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -182,6 +181,13 @@ def ssc_weights(rho):
     return torch.softmax(-torch.as_tensor(rho, dtype=torch.float64), 0)
 
 
+def ssc_salience(sx_t, sw):
+    """SSC: the activation salience (C_in,) that CSB balances, from the per-timestep salience sx_t (S, C_in) and
+    the weight salience sw (C_in,): ρ_t (Eq. 7), η_t (Eq. 8), s(X_j) = Σ_t η_t s(X_j^(t)) (Eq. 9). Also the ρ_t."""
+    rho = [spearman(s, sw) for s in sx_t]
+    return (ssc_weights(rho)[:, None] * sx_t.double()).sum(0), rho
+
+
 def balance(act_salience, weight_salience):
     """CSB's b_j = (s(X_j) / s(W_j))^½ (Eqs. 4-5); X / b and W · b both have salience (s(X_j) s(W_j))^½. A channel
     that is never active or has no weight is left alone (b = 1)."""
@@ -205,9 +211,7 @@ def quantize(model, stats, wbits, abits, method):
             sx_t = torch.maximum(lo.abs(), hi.abs()).double()  # s(X^(t)_j), (S, C_in) (Eq. 3, per timestep)
             sw = layer.weight.detach().abs().amax(0).double().cpu()  # s(W_j): max over output channels (Eq. 3)
             if method == "ptq4dit":
-                rho = [spearman(s, sw) for s in sx_t]         # Eq. 7
-                sx = (ssc_weights(rho)[:, None] * sx_t).sum(0)  # Eqs. 8-9
-                report[name] = rho
+                sx, report[name] = ssc_salience(sx_t, sw)
             else:
                 sx = sx_t.amax(0)
             b = balance(sx, sw)
