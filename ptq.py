@@ -298,8 +298,7 @@ def main():
                   sampler=args.sampler, seed=args.seed, device=str(args.device),
                   sample_seconds=round(time.time() - t0, 1))
     result.update(evaluate.score(x, y, evaluate.load_classifier(), seed=args.seed))
-    print(" ".join(f"{k}={result[k]:.4g}" for k in ("accuracy", "fd", "floor_fd", "real_acc")) +
-          f" weight_bytes={result['weight_bytes']}")
+    evaluate.print_score(result, "weight_bytes")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
