@@ -3,7 +3,8 @@ Post-training quantization of the full-precision twin (train.py --fp) to W8A8 or
 TerDiT's ternary QAT: round-to-nearest (RTN) baselines and PTQ4DiT's Channel-wise Salience Balancing (CSB) with
 Spearman's ρ-guided Salience Calibration (SSC) (Wu et al., arXiv 2405.16005, NeurIPS 2024; adreamwu/PTQ4DiT).
 
-    python ptq.py --ckpt out/fp/ckpt.pt --wbits 4 --abits 8 --method ptq4dit --out results/ptq_w4a8.json
+    python ptq.py --ckpt out/fp/ckpt.pt --wbits 4 --abits 8 --method ptq4dit --num-steps 50 --sampler ddim \
+        --num-calib-steps 25 --out results/ptq_w4a8_ptq4dit.json
 
 Which layers: the ones TerDiT makes ternary, i.e. every block's attention wq, wk, wv, wo, SwiGLU w1, w2, w3 and
 adaLN linear (PTQ4DiT quantizes the linear layers of the DiT blocks). The patch embedder, timestep MLP, label
@@ -24,6 +25,8 @@ balancing matrices B^X = diag(s(W_j)/s(X_j))^½ and B^W = (B^X)^-1 (Eq. 5), so X
 exactly. Here that is b_j = (s(X_j) / s(W_j))^½, X' = X / b, W' = W · b, the exponent ½ as the paper.
 The activation side X / b is kept as an explicit per-channel scale inside the quantized layer (the simplest
 honest option; PTQ4DiT folds it into the preceding adaLN modulation or linear layer, which this file does not).
+Each of the 8 layers gets its own b, even wq, wk, wv (and w1, w3), which share an input: DiT's fused qkv has
+one b, as folding would need; with the scale kept inside each layer, separate b's are allowed.
 
 SSC (paper Sec. 4.2): activation salience varies with the timestep; for each calibration timestep t,
 ρ_t = Spearman's ρ between s(X^(t)) and s(W) over the channels (Eq. 7); timesteps where the two saliences are
@@ -32,7 +35,8 @@ s(X_j) = Σ_t η_t s(X_j^(t)) (Eq. 9). (Equation numbers as we read them in arXi
 
 Not implemented: block-wise reconstruction (PTQ4DiT's --recon, BRECQ/Q-Diffusion style), quantization of the
 attention matmuls (q·kᵀ and softmax·v, PTQ4DiT's --sm_abit), folding B^X into the preceding layer, and
-integer kernels (this is fake quantization: it measures quality, not speed or memory).
+integer kernels (this is fake quantization: it measures quality, not speed or memory), percentile ranges
+(activation ranges are min/max). Under CUDA's bf16 autocast the grid values are rounded once more to bf16.
 """
 
 import argparse
