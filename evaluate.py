@@ -230,6 +230,12 @@ def score(x, y, clf, seed=0):
                 real_acc=(real_logits.argmax(1) == yt).float().mean().item(), per_class_accuracy=per_class)
 
 
+def print_score(result, size_key):
+    """One line: the four numbers of score() and the model's size (ptq.py prints the same line)."""
+    print(" ".join(f"{k}={result[k]:.4g}" for k in ("accuracy", "fd", "floor_fd", "real_acc")) +
+          f" {size_key}={result[size_key]}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -281,8 +287,7 @@ def main():
         result.update({k: getattr(args, k) for k in keys}, device=str(args.device),
                       sample_seconds=round(time.time() - t0, 1))
         result.update(score(x, y, load_classifier(), seed=args.seed))
-        print(" ".join(f"{k}={result[k]:.4g}" for k in ("accuracy", "fd", "floor_fd", "real_acc")) +
-              f" ckpt_bytes={result['ckpt_bytes']}")
+        print_score(result, "ckpt_bytes")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,0 +1,154 @@
+"""Tests of ptq.py: the quantizers, CSB's exactness, SSC's weights, a calibrated W4A8 model, the CLI. CPU, tiny model
+with random weights, no training.
+
+    python -m pytest tests/test_ptq.py -q
+"""
+import copy
+import json
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import model as model_lib
+import ptq
+
+
+def tiny_fp(seed=0):
+    """A tiny full-precision TerDiT (1 channel, 32 px, 10 classes: what the shipped classifier scores) with random
+    weights everywhere, adaLN and final layer included (their zero init would make the function trivial)."""
+    torch.manual_seed(seed)
+    m = model_lib.build_model("tiny", ternary=False, in_channels=1, pos_embed=True).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    m = tiny_fp()
+    calib = ptq.calibration_set(m, n=6, cfg_scale=1.5, num_steps=8, num_calib_steps=4, method="ddim", seed=1,
+                                device="cpu")
+    return m, calib, ptq.channel_stats(m, calib, batch_size=12)
+
+
+def inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(4, 1, 32, 32, generator=g, dtype=dtype), torch.tensor([3, 250, 600, 999]),
+            torch.tensor([0, 4, 9, 10]))  # 10: the null class
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_quantizer_round_trips_representable_values(bits):
+    q = 2 ** (bits - 1) - 1
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(-q, q + 1, (16, 24), generator=g).double()
+    k[:, 0] = q * torch.where(torch.rand(16, generator=g) < 0.5, -1.0, 1.0)  # each row reaches its grid's end
+    s = 2.0 ** -torch.randint(2, 9, (16, 1), generator=g).double()   # powers of two: k·s is exact
+    w = k * s
+    assert torch.equal(ptq.quantize_weight(w, bits), w)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_quantizer_round_trips_representable_values(bits):
+    s0, z0 = 2.0 ** -5, 3
+    lo, hi = -z0 * s0, (2 ** bits - 1 - z0) * s0
+    s, z = ptq.act_qparams(lo, hi, bits)
+    assert (s, z) == (s0, z0)
+    x = (torch.arange(2 ** bits, dtype=torch.float64) - z0) * s0  # every point of the grid
+    assert torch.equal(ptq.fake_quant_act(x, s, z, bits), x)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quant_error_at_most_half_a_step(bits):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    step = w.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+    assert ((ptq.quantize_weight(w, bits) - w).abs() <= step / 2 + 1e-12).all()
+    x = torch.randn(1000, generator=g, dtype=torch.float64) * 3 + 1
+    s, z = ptq.act_qparams(x.min(), x.max(), bits)
+    assert ((ptq.fake_quant_act(x, s, z, bits) - x).abs() <= s / 2 + 1e-12).all()
+
+
+def test_calibration_set_spreads_over_the_trajectory(calibrated):
+    _, calib, stats = calibrated
+    assert [c[1][0].item() for c in calib] == [999, 714, 285, 0]  # calls 0, 2, 5, 7 of the 8 DDIM steps
+    x, t, y = calib[0]
+    assert x.shape == (12, 1, 32, 32) and (y[6:] == 10).all() and torch.equal(y[:6], torch.arange(6))  # CFG halves
+    assert len(stats) == 8 * 4 and all(lo.shape == hi.shape and lo.shape[0] == 4 and (lo <= hi).all()
+                                       for lo, hi in stats.values())
+
+
+def test_csb_balances_salience_and_leaves_the_fp_function_unchanged(calibrated):
+    m, _, stats = calibrated
+    name = "layers.1.feed_forward.w2"
+    lo, hi = stats[name]
+    sx, sw = torch.maximum(lo.abs(), hi.abs()).double().amax(0), m.get_submodule(name).weight.abs().amax(0).double()
+    b = ptq.balance(sx, sw)
+    assert not torch.allclose(b, torch.ones_like(b))
+    torch.testing.assert_close(sx / b, (sx * sw).sqrt())  # Eq. 4: both sides at the geometric mean
+    torch.testing.assert_close(sw * b, (sx * sw).sqrt())
+    for method in ("csb", "ptq4dit"):  # balance only (no bits): exact in float64
+        fp = copy.deepcopy(m).double()
+        balanced = copy.deepcopy(m).double()
+        ptq.quantize(balanced, stats, wbits=None, abits=None, method=method)
+        assert all(q.inv_balance is not None for q in balanced.modules() if isinstance(q, ptq.QuantLinear))
+        with torch.no_grad():
+            assert (balanced(*inputs(torch.float64)) - fp(*inputs(torch.float64))).abs().max().item() < 1e-10
+
+
+def test_spearman_and_ssc_weights_follow_the_paper():
+    a = torch.randn(50, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert ptq.spearman(a, a.exp()) == pytest.approx(1.0) and ptq.spearman(a, -a) == pytest.approx(-1.0)
+    rho = [0.9, 0.1, -0.5, 0.1]
+    eta = ptq.ssc_weights(rho)
+    assert eta.sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(eta, torch.tensor(rho, dtype=torch.float64).neg().exp() / sum(
+        torch.tensor(rho, dtype=torch.float64).neg().exp()))  # Eq. 8
+    assert eta[2] > eta[1] == eta[3] > eta[0]  # the less correlated (more complementary), the more weight
+    # Eq. 9: the timestep whose activation salience runs against the weight salience dominates
+    sw = torch.arange(1.0, 9.0, dtype=torch.float64)
+    same, against = sw.clone(), sw.flip(0)
+    sx, rhos = ptq.ssc_salience(torch.stack([same, against]), sw)
+    assert rhos == pytest.approx([1.0, -1.0])
+    e = torch.tensor([1.0, -1.0]).neg().exp()
+    torch.testing.assert_close(sx, (e[0] * same + e[1] * against) / e.sum())
+
+
+def test_calibrated_w4a8_is_closer_to_fp_than_a_bad_quantizer(calibrated):
+    m, _, stats = calibrated
+    with torch.no_grad():
+        ref = m(*inputs())
+
+        def rel_err(wbits, abits, method, stats=stats):
+            q = copy.deepcopy(m)
+            ptq.quantize(q, stats, wbits, abits, method)
+            n = sum(isinstance(l, ptq.QuantLinear) for l in q.modules())
+            assert n == 8 * len(m.layers) and torch.equal(q.final_layer.linear.weight, m.final_layer.linear.weight)
+            return ((q(*inputs()) - ref).norm() / ref.norm()).item()
+
+        clipped = {k: (lo / 50, hi / 50) for k, (lo, hi) in stats.items()}  # ranges 50x too narrow: clips hard
+        bad = min(rel_err(4, 8, "rtn", clipped), rel_err(2, 8, "rtn"))
+        w8a8, w4a8 = rel_err(8, 8, "rtn"), rel_err(4, 8, "ptq4dit")
+    assert w8a8 < w4a8 < bad and w8a8 < 0.1, (w8a8, w4a8, bad)
+
+
+def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
+    m = tiny_fp()
+    ckpt, out = tmp_path / "fp.pt", tmp_path / "r.json"
+    torch.save({"model": m.state_dict(), "ema": m.state_dict(), "step": 0, "model_config": asdict(m.config)}, ckpt)
+    common = ["ptq.py", "--ckpt", str(ckpt), "--device", "cpu", "--num-calib", "4", "--num-calib-steps", "2",
+              "--num-steps", "3", "--num-samples", "20", "--batch-size", "10"]
+    monkeypatch.setattr(sys, "argv", common + ["--wbits", "4", "--abits", "8", "--method", "ptq4dit", "--out", str(out)])
+    ptq.main()
+    r = json.loads(out.read_text())
+    assert (r["method"], r["wbits"], r["abits"]) == ("ptq4dit", 4, 8) and 0 <= r["accuracy"] <= 1 and r["fd"] > 0
+    assert -1 <= r["mean_rho"] <= 1 and 0 < r["weight_bytes"] < 4 * sum(p.numel() for p in m.parameters())
+    assert "accuracy=" in capsys.readouterr().out
+    ternary = model_lib.build_model("tiny", in_channels=1)
+    torch.save({"model": ternary.state_dict(), "model_config": asdict(ternary.config)}, ckpt)
+    monkeypatch.setattr(sys, "argv", common)
+    with pytest.raises(ValueError, match="ptq.py quantizes a full-precision model; this checkpoint is ternary"):
+        ptq.main()
