@@ -31,7 +31,8 @@ one b, as folding would need; with the scale kept inside each layer, separate b'
 SSC (paper Sec. 4.2): activation salience varies with the timestep; for each calibration timestep t,
 ρ_t = Spearman's ρ between s(X^(t)) and s(W) over the channels (Eq. 7); timesteps where the two saliences are
 least correlated (most complementary) weigh most: η_t = exp(-ρ_t) / Σ_τ exp(-ρ_τ) (Eq. 8); CSB then uses
-s(X_j) = Σ_t η_t s(X_j^(t)) (Eq. 9). (Equation numbers as we read them in arXiv v2's Sec. 4.)
+s(X_j) = Σ_t η_t s(X_j^(t)) (Eq. 9). (Formulas and equation numbers are our reading of the paper; the exponent ½
+and η's form were not checked against the paper's text or its code, which was not at hand: check them first.)
 
 Not implemented: block-wise reconstruction (PTQ4DiT's --recon, BRECQ/Q-Diffusion style), quantization of the
 attention matmuls (q·kᵀ and softmax·v, PTQ4DiT's --sm_abit), folding B^X into the preceding layer, and
