@@ -201,7 +201,7 @@ def generate(model, n, cfg_scale, num_steps, method, batch_size, seed, device, c
     cfg, diff = model.config, Diffusion()
     g = torch.Generator(device).manual_seed(seed)
     y = torch.arange(n, device=device) % cfg.num_classes
-    import sample
+    import sample  # here, as in main(): this module and its tests work without the sampler's imports
     runner, autocast = model, contextlib.nullcontext()
     if torch.device(device).type == "cuda":  # as sample.py: bf16 autocast, each step one CUDA graph replay
         runner, autocast = sample.CUDAGraphed(model), torch.autocast("cuda", dtype=torch.bfloat16)

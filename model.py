@@ -85,16 +85,19 @@ def build_model(size, device=None, **overrides):
     return TerDiT(TerDiTConfig(**SIZES[size], **overrides), device=device)
 
 
-class RMSNorm(nn.Module):
-    """LLaMA's RMSNorm, computed in float32 whatever the autocast dtype (as the reference does)."""
+def rms_norm(x, weight, eps):
+    """LLaMA's RMSNorm over the last dim, computed in float32 whatever the autocast dtype (as the reference does)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
+
+class RMSNorm(nn.Module):
     def __init__(self, dim, eps, device=None):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def modulate(x, shift, scale):

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 import data
 import kernel
-from model import SIZES, TerDiT, TerDiTConfig, config_from_dict, to_reference_patch_layout
+from model import SIZES, TerDiT, TerDiTConfig, config_from_dict, rms_norm, to_reference_patch_layout
 from quant import TernaryLinear, export_ternary
 
 MAGIC = 0x54694454        # b"TDiT" read as a little-endian uint32
@@ -173,9 +173,8 @@ class FusedAdaLN(nn.Module):
         y = y.view(-1, depth, self.width).float() * alphas + bias.float()
         if isinstance(self.norms[0], nn.Identity):  # trained without the adaLN RMSNorm
             return y.to(x.dtype)
-        gain = torch.stack([n.weight for n in self.norms])
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norms[0].eps) * gain.float()
-        return y.to(torch.promote_types(x.dtype, gain.dtype))
+        gain = torch.stack([n.weight for n in self.norms])     # (depth, 6 * dim)
+        return rms_norm(y, gain.float(), self.norms[0].eps).to(torch.promote_types(x.dtype, gain.dtype))
 
 
 def fuse_adaln(model):
@@ -331,10 +330,14 @@ REFERENCE_MODELS = {"DiT_Llama_600M_patch2": "600M", "DiT_Llama_3B_patch2": "4.2
 REFERENCE_WEIGHTS = "consolidated_ema_ternary.00-of-01.pth"
 
 
+# The reference trained on an ImageFolder of class folders "0" ... "999", whose labels are the folders' ranks sorted
+# as strings ("0", "1", "10", "100", ...): ImageNet class c is its label REFERENCE_LABELS[c].
+REFERENCE_LABELS = torch.argsort(torch.tensor(sorted(range(1000), key=str))).tolist()  # inverse of the string order
+
+
 def reference_label(c):
-    """The reference's label of ImageNet class c: it trained on an ImageFolder of class folders "0" ... "999",
-    whose labels are the folders' ranks sorted as strings ("0", "1", "10", "100", ...)."""
-    return sorted(range(1000), key=str).index(c)
+    """The reference's label of ImageNet class c."""
+    return REFERENCE_LABELS[c]
 
 
 def unpack_hqq_2bit(w):
@@ -366,7 +369,7 @@ def read_reference(folder):
     ternary = {f"{n}.weight" for n, _ in _ternary_layers(model)}
     state = {k: unpack_hqq_2bit(v).float() if k in ternary else v.float() for k, v in state.items()}
     table = state["y_embedder.embedding_table.weight"]
-    state["y_embedder.embedding_table.weight"] = table[[reference_label(c) for c in range(1000)] + [1000]]
+    state["y_embedder.embedding_table.weight"] = table[REFERENCE_LABELS + [1000]]
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
@@ -454,6 +457,7 @@ def main(argv=None):
     print(f"EMA weights in bf16  (reference): {_mb(2 * n_total)}")
     print(f"2-bit packing        {args.out}: {_mb(size2)}")
     print(f"base-3 packing       {base3_path(args.out)}: {_mb(size3)}")
+
 
 if __name__ == "__main__":
     main()

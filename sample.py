@@ -241,6 +241,7 @@ def main(argv=None):
     print(f"wrote {args.out}: {len(classes)} images, cfg {args.cfg_scale}, {args.num_steps} {args.method} steps, "
           f"seed {args.seed}, from {args.ckpt}")
 
+
 if __name__ == "__main__":
     try:
         main()

@@ -233,6 +233,37 @@ def sample_grid(ema, cfg, vae, device, path, autocast, save):
         data.save_grid(vae.decode(x) if vae else x, path, nrow=8)
 
 
+def run_config(args, dataset, vae, ckpt_path, log_path, master_process):
+    """(model config, checkpoint or None): the checkpoint's with --resume (refusing flags that would change the
+    model; the log cut back to its step), else a new one from the flags (refusing a directory a run already used)."""
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; train without --resume first")
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            cfg = config_from_dict(ckpt["model_config"])
+        except Exception as e:
+            raise ValueError(f"cannot resume from {ckpt_path}: not a readable train.py checkpoint ({e})") from None
+        for k in SHAPING:
+            if k in ckpt.get("args", {}) and ckpt["args"][k] != getattr(args, k):
+                flag = "--" + k.replace("_", "-")
+                raise ValueError(f"--resume: {flag} {getattr(args, k)} conflicts with the checkpoint's {ckpt['args'][k]}: "
+                                 f"resume with the flags of the run that wrote {ckpt_path}")
+        if master_process:
+            truncate_log(log_path, ckpt["step"])
+    else:
+        if os.path.exists(ckpt_path):
+            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
+        if os.path.exists(log_path):
+            raise FileExistsError(f"{log_path} exists from a run that wrote no checkpoint: delete it, or choose "
+                                  f"another --out-dir")
+        cfg = TerDiTConfig(**SIZES[args.size], input_size=args.image_size // 8 if vae else args.image_size,
+                           in_channels=4 if vae else dataset.channels, num_classes=len(dataset.class_names),
+                           ternary=not args.fp, adaln_norm=not args.no_adaln_norm, pos_embed=args.pos_embed)
+    return cfg, ckpt
+
+
 def main(argv=None):
     args = get_args(argv)
     # under torchrun only rank 0 takes the lock; if it cannot, it exits non-zero and torchrun stops the others
@@ -271,30 +302,7 @@ def train(args, stop_signal):
     dataset = data.load_dataset(args.data, args.image_size)
     vae = data.VAE(args.vae, device) if args.vae else None
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; train without --resume first")
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            cfg = config_from_dict(ckpt["model_config"])
-        except Exception as e:
-            raise ValueError(f"cannot resume from {ckpt_path}: not a readable train.py checkpoint ({e})") from None
-        for k in SHAPING:
-            if k in ckpt.get("args", {}) and ckpt["args"][k] != getattr(args, k):
-                flag = "--" + k.replace("_", "-")
-                raise ValueError(f"--resume: {flag} {getattr(args, k)} conflicts with the checkpoint's {ckpt['args'][k]}: "
-                                 f"resume with the flags of the run that wrote {ckpt_path}")
-        if master_process:
-            truncate_log(log_path, ckpt["step"])
-    else:
-        if os.path.exists(ckpt_path):
-            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
-        if os.path.exists(log_path):
-            raise FileExistsError(f"{log_path} exists from a run that wrote no checkpoint: delete it, or choose "
-                                  f"another --out-dir")
-        cfg = TerDiTConfig(**SIZES[args.size], input_size=args.image_size // 8 if vae else args.image_size,
-                           in_channels=4 if vae else dataset.channels, num_classes=len(dataset.class_names),
-                           ternary=not args.fp, adaln_norm=not args.no_adaln_norm, pos_embed=args.pos_embed)
+    cfg, ckpt = run_config(args, dataset, vae, ckpt_path, log_path, master_process)
     if args.fsdp and not ddp:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node=N")
     torch.manual_seed(args.seed)  # the same initial weights on every rank: FSDP shards them without a broadcast
@@ -397,7 +405,7 @@ def train(args, stop_signal):
             log(f"step {step}/{args.max_steps} | loss {mean_loss:.4f} | lr {lr:.1e} | {sps:.2f} steps/s | "
                 f"{sps * G:.0f} img/s{mem} | eta {eta / 60:.1f} min")
             if master_process:
-                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+                with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": sps}) + "\n")
             loss_sum.zero_()
             loss_count, t_log = 0, time.time()
