@@ -73,12 +73,15 @@ def time_graph(fn, n_calls, reps):
     return statistics.median(times)
 
 
-def candidates(M, N, K):
+def candidates(M, N, K, wgmma):
     """Tile configs worth trying for --sweep (any config is correct for any M; these are the plausible ones)."""
     names = (["s8", "k8", "k8b"] if M <= 8 else ["s16", "k16"] if M <= 16 else ["s32", "k32", "m64", "k64"] if M <= 64
              else ["m64", "k64", "l128", "x256"] if M <= 512 else ["l128", "x256"])
+    if wgmma and M >= 64:  # on Hopper the wgmma tiles replace the large mma.sync ones
+        names = names[:2] * (M == 64) + [n for n in kernel.WG_CONFIGS if kernel.WG_CONFIGS[n][1] <= max(64, 2 * M)]
     splits = [1, 2] if M > 512 else [1, 2, 4, 8]
-    return [(n, cs) for n in names for cs in splits if cs <= math.ceil(K / 128)]
+    dequant = [("dequant", 1)] if M >= 512 else []  # expand + cuBLAS
+    return [(n, cs) for n in names for cs in splits if cs <= math.ceil(K / 128)] + dequant
 
 
 def bench_kernels(args):
@@ -87,6 +90,7 @@ def bench_kernels(args):
     gen = torch.Generator(device=dev).manual_seed(0)
     Ms = [int(m) for m in args.m.split(",")]
     rows, sweep = [], []
+    wgmma, sms = kernel._has_wgmma(dev.index or 0), torch.cuda.get_device_properties(dev).multi_processor_count
     for model, layer, K, N in SHAPES:
         w = (torch.randint(0, 3, (N, K), device=dev, generator=gen) - 1).to(torch.int8)
         alpha = torch.rand(1, device=dev, generator=gen) + 0.5
@@ -103,7 +107,7 @@ def bench_kernels(args):
             n = int(min(200, max(10, args.graph_us / est)))
             if args.sweep and M != 2:  # time every candidate config; the fastest goes into kernel._TUNED
                 best = None
-                for name, cs in candidates(M, N, K):
+                for name, cs in candidates(M, N, K, wgmma):
                     yc = kernel.ternary_matmul(x, packed, alpha, N, K, config=(name, cs))
                     e = ((yc.float() - ref).norm() / ref.norm()).item()
                     t = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K,
@@ -119,14 +123,11 @@ def bench_kernels(args):
             y = kernel.ternary_matmul(x, packed, alpha, N, K)
             err = ((y.float() - ref).norm() / ref.norm()).item()
             tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K), n, args.reps)
-            fused = kernel._pick(M, N, K, torch.cuda.get_device_properties(dev).multi_processor_count)
-            dequant = kernel._use_dequant(M, N, K)  # what the dispatch chooses
-            tf = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, config=fused), n,
-                            args.reps) if dequant else tk
+            chosen = kernel._pick(M, N, K, sms, wgmma)  # what the dispatch chooses
             tc = time_graph(lambda i: F.linear(x, Wb[i % len(Wb)]), n, args.reps)
             r = dict(model=model, layer=layer, K=K, N=N, M=M, kernel_us=tk, cublas_us=tc, speedup=tc / tk,
                      TBps=nbytes / tk / 1e6, TFLOPs=flops / tk / 1e6, cublas_TFLOPs=flops / tc / 1e6,
-                     rel_err=err, fused_us=tf, config="dequant+cuBLAS" if dequant else "%s/cs%d" % fused)
+                     rel_err=err, config="dequant+cuBLAS" if chosen[0] == "dequant" else "%s/cs%d" % chosen)
             rows.append(r)
             print("| %-6s %-8s | %5d x %5d | %5d | %8.2f | %8.2f | %5.2fx | %5.2f | %6.1f | %s | err %.1e" % (
                 model, layer, K, N, M, tk, tc, tc / tk, r["TBps"], r["TFLOPs"], r["config"], err), flush=True)
@@ -138,10 +139,10 @@ def bench_kernels(args):
 
 def markdown(rows, title):
     out = [f"## {title}", "", "| model | layer | K | N | M | ternary us | cuBLAS us | speed-up | TB/s "
-           "| TFLOP/s | cuBLAS TFLOP/s | path | fused-only us |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| TFLOP/s | cuBLAS TFLOP/s | path |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append("| {model} | {layer} | {K} | {N} | {M} | {kernel_us:.2f} | {cublas_us:.2f} | {speedup:.2f}x | "
-                   "{TBps:.2f} | {TFLOPs:.1f} | {cublas_TFLOPs:.1f} | {config} | {fused_us:.2f} |".format(**r))
+                   "{TBps:.2f} | {TFLOPs:.1f} | {cublas_TFLOPs:.1f} | {config} |".format(**r))
     return "\n".join(out) + "\n"
 
 
@@ -189,8 +190,8 @@ def nbytes(model):
 
 def ternary_kernel_ms(events):
     """(GPU ms of all kernels, of those inside the ternary matmuls) over profiler events. Inside = launched under
-    the op terdit::ternary_matmul: the fused `tmm` kernel, or `dequant` and its cuBLAS gemm. If the profiler did
-    not tie the kernels to the op, falls back to kernel names (tmm, dequant; the dequant path's gemm then counts
+    the op terdit::ternary_matmul: the fused `tmm` or `wgmm` kernel, or `dequant` and its cuBLAS gemm. If the profiler
+    did not tie the kernels to the op, falls back to kernel names (tmm, wgmm, dequant; the dequant path's gemm then counts
     as outside)."""
     events = list(events)
     total = sum(e.device_time_total for e in events if e.device_type == DeviceType.CUDA)
@@ -198,9 +199,9 @@ def ternary_kernel_ms(events):
            and not (e.cpu_parent and e.cpu_parent.name == e.name)]
     inside = sum(e.device_time_total for e in ops)
     if inside == 0:
-        print("    (profiler: no kernels tied to terdit::ternary_matmul; counting tmm/dequant by name)")
+        print("    (profiler: no kernels tied to terdit::ternary_matmul; counting tmm/wgmm/dequant by name)")
         inside = sum(e.device_time_total for e in events
-                     if e.device_type == DeviceType.CUDA and (e.name == "tmm" or e.name == "dequant"))
+                     if e.device_type == DeviceType.CUDA and e.name in ("tmm", "wgmm", "dequant"))
     return total / 1e3, inside / 1e3
 
 

@@ -3,7 +3,7 @@ Turn a training checkpoint into a deployment file: ternary weights in 2 bits (or
 
     python pack.py --ckpt out/ckpt.pt --out terdit.tdit    # writes terdit.tdit (2-bit) and terdit.tdit3 (base-3)
     python pack.py --ckpt checkpoints/3B_1180000 --out 3B.tdit   # an official TerDiT checkpoint folder, likewise
-    python pack.py --ckpt old.tdit --out new.tdit          # a file of the legacy patch layout, in the reference one
+    python pack.py --ckpt old.tdit --out new.tdit          # an older file (patch layout, tile order), rewritten
     python -c "import pack; m = pack.load_packed('terdit.tdit'); print(m.config)"
 
 Like llm.c's export (train_gpt2.py, `write_model`): a versioned binary written and read with struct and numpy,
@@ -79,6 +79,9 @@ def base3_path(path):
     return path + "3" if path.endswith(".tdit") else path + ".tdit3"
 
 
+V1_PROBE = 3214266006  # _layout_probe() of the tile order before the wgmma kernel (kernel._PERM_V1)
+
+
 def _layout_probe():
     """crc32 of kernel.pack_2bit on a fixed trit pattern: it changes when kernel.py's tile order changes."""
     probe = (torch.arange(48 * 200) * 7919 % 3 - 1).to(torch.int8).view(48, 200)
@@ -108,7 +111,8 @@ def unpack_base3(packed, N, K):
 
 class PackedTernaryLinear(nn.Module):
     """y = x · (α W̃)ᵀ + b with W̃ held as kernel.pack_2bit codes (uint8) and multiplied by kernel.ternary_matmul
-    through its custom op (kernel.ternary_matmul_op), so that torch.compile traces the layer without a break."""
+    through its custom op (kernel.ternary_matmul_op), so that torch.compile traces the layer without a break;
+    α and b are applied in the kernel's epilogue (one rounding)."""
 
     def __init__(self, in_features, out_features, bias, packed_shape, device=None):
         super().__init__()
@@ -120,8 +124,7 @@ class PackedTernaryLinear(nn.Module):
     def forward(self, x):
         if torch.is_autocast_enabled(x.device.type):  # act like nn.Linear under autocast: the kernel needs bf16/fp16
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        y = kernel.ternary_matmul_op(x, self.packed, self.alphas, self.out_features, self.in_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return kernel.ternary_matmul_op(x, self.packed, self.alphas, self.out_features, self.in_features, self.bias)
 
     def _apply(self, fn, recurse=True):
         # Module.to/half/bfloat16 cast every floating buffer. uint8 `packed` is safe (integer buffers are never
@@ -287,7 +290,8 @@ def read_packed(path):
         data = f.read()
     if zlib.crc32(data, zlib.crc32(index_bytes)) != hdr["crc32"]:
         raise ValueError(f"{path} is corrupt (checksum mismatch): re-run pack.py")
-    if hdr["trits_per_byte"] == 4 and hdr["pack_2bit_probe"] != _layout_probe():
+    v1 = hdr["trits_per_byte"] == 4 and hdr["pack_2bit_probe"] == V1_PROBE  # before the wgmma kernel: convert
+    if hdr["trits_per_byte"] == 4 and hdr["pack_2bit_probe"] != _layout_probe() and not v1:
         raise ValueError(f"{path} was packed for a different kernel.pack_2bit tile order than this kernel.py: "
                          "load its .tdit3 twin instead, or re-run pack.py")
     state = {}
@@ -295,6 +299,8 @@ def read_packed(path):
         raw = np.frombuffer(data, dtype=np.uint8, count=e["nbytes"], offset=e["offset"])
         if e["encoding"] == "trits" and hdr["trits_per_byte"] == 4:
             t = torch.from_numpy(raw.copy()).view(e["packed_shape"])     # already in the kernel's layout
+            if v1:
+                t = kernel.pack_2bit(kernel.unpack_2bit(t, *e["shape"], perm=kernel._PERM_V1))
         elif e["encoding"] == "trits":
             t = kernel.pack_2bit(unpack_base3(raw, *e["shape"]))        # base 3 -> trits -> 2-bit layout
         elif e["encoding"] == "bfloat16":
@@ -385,9 +391,9 @@ def _mb(n):
 
 
 def relayout_packed(src, out):
-    """Rewrite a packed file of the legacy "ppc" patch layout in the reference's "cpp" one
-    (model.to_reference_patch_layout): the same tensors, byte for byte, but the patch embedder's permuted columns.
-    The trits go back through kernel.unpack_2bit/pack_2bit, exactly. Returns the new file's size."""
+    """Rewrite an older packed file in today's layouts: the legacy "ppc" patch layout in the reference's "cpp"
+    one (model.to_reference_patch_layout: the patch embedder's columns permuted), and 2-bit codes of the older
+    tile order (read_packed converts them) in kernel.py's. The same values, exactly. Returns the new file's size."""
     hdr, state = read_packed(src)
     state, config = to_reference_patch_layout(state, hdr["config"])
     shapes = {e["name"]: e for e in hdr["tensors"]}
@@ -401,8 +407,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Pack a TerDiT checkpoint (EMA weights) for deployment.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="training checkpoint written by train.py, an official TerDiT "
-                        "checkpoint folder (model_args.pth + consolidated_ema_ternary.00-of-01.pth), or a packed "
-                        "file of the legacy patch layout to rewrite in the reference layout")
+                        "checkpoint folder (model_args.pth + consolidated_ema_ternary.00-of-01.pth), or an older packed "
+                        "file to rewrite in today's patch layout and tile order")
     parser.add_argument("--out", required=True, help="2-bit output file (e.g. terdit.tdit); the base-3 twin "
                                                      "goes next to it (terdit.tdit3)")
     parser.add_argument("--force", action="store_true", help="overwrite existing --out files that are not packed models")
@@ -418,7 +424,7 @@ def main(argv=None):
 
     if os.path.isfile(args.ckpt) and is_packed(args.ckpt):
         try:
-            print(f"rewrote {args.ckpt} in the reference patch layout: {args.out}, "
+            print(f"rewrote {args.ckpt} in today's patch layout and tile order: {args.out}, "
                   f"{_mb(relayout_packed(args.ckpt, args.out))}")
         except ValueError as err:
             sys.exit(f"error: {err}")

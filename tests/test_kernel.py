@@ -37,6 +37,36 @@ def test_pack_roundtrip(N, K):
     assert torch.equal(kernel.pack_2bit(torch.zeros(N, K, dtype=torch.int8)), torch.full_like(p, 0x55))
 
 
+def test_pack_layout_is_the_fragment_order():
+    """The layout both kernels (and the dequant kernel) rely on, decoded from the bytes as the docstring says:
+    word (Tn, Ck, g, t, w) holds pair p = (s1, r1, r0) at bits 2p (low code) and 16 + 2p (high code), for row
+    16 Tn + 8 r0 + g and columns k, k + 1, k = 128 Ck + 32 w + 16 s1 + 8 r1 + 2 t (k in natural order)."""
+    N, K = 32, 256
+    w = rand_trits(N, K, torch.Generator().manual_seed(5))
+    words = kernel.pack_2bit(w).contiguous().view(torch.int32).flatten().tolist()
+    i = 0
+    for tn in range(N // 16):
+        for ck in range(K // 128):
+            for g in range(8):
+                for t in range(4):
+                    for wq in range(4):
+                        q = words[i] & 0xFFFFFFFF
+                        i += 1
+                        for p in range(8):
+                            s1, r1, r0 = p >> 2, (p >> 1) & 1, p & 1
+                            n, k = 16 * tn + 8 * r0 + g, 128 * ck + 32 * wq + 16 * s1 + 8 * r1 + 2 * t
+                            assert (q >> 2 * p) & 3 == w[n, k] + 1 and (q >> 16 + 2 * p) & 3 == w[n, k + 1] + 1
+
+
+def test_older_tile_order_roundtrip():
+    gen = torch.Generator().manual_seed(6)
+    for N, K in [(48, 200), (17, 257)]:
+        w = rand_trits(N, K, gen)
+        v1 = kernel.pack_2bit(w, perm=kernel._PERM_V1)
+        assert not torch.equal(v1, kernel.pack_2bit(w))
+        assert torch.equal(kernel.unpack_2bit(v1, N, K, perm=kernel._PERM_V1), w)
+
+
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError):
         kernel.pack_2bit(torch.full((4, 4), 2, dtype=torch.int8))
@@ -71,12 +101,25 @@ def test_custom_op_matches_reference(shape, N, K):
     assert torch.equal(torch.ops.terdit.ternary_matmul(x, packed, alpha, N, K), y)  # registered under its name
 
 
+def test_bias_matches_reference():
+    gen = torch.Generator().manual_seed(7)
+    N, K = 33, 130
+    w, x = rand_trits(N, K, gen), torch.randn(4, K, generator=gen)
+    packed, alpha, b = kernel.pack_2bit(w), torch.rand(1, generator=gen) + 0.5, torch.randn(N, generator=gen)
+    want = x.double() @ (alpha.double() * w.double()).t() + b.double()
+    torch.testing.assert_close(kernel.ternary_matmul_op(x, packed, alpha, N, K, b).double(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError):
+        kernel.ternary_matmul(x, packed, alpha, N, K, bias=b[:-1])
+
+
 def test_custom_op_opcheck():
     """Schema, fake (meta) implementation, and tracing by AOTAutograd with dynamic shapes all agree with the op."""
     gen = torch.Generator().manual_seed(0)
     for shape, N, K in [((3, 100), 17, 100), ((2, 5, 128), 32, 128)]:
         x, w = torch.randn(*shape, generator=gen), rand_trits(N, K, gen)
         torch.library.opcheck(kernel.ternary_matmul_op, (x, kernel.pack_2bit(w), torch.tensor([0.3]), N, K))
+        torch.library.opcheck(kernel.ternary_matmul_op, (x, kernel.pack_2bit(w), torch.tensor([0.3]), N, K,
+                                                         torch.randn(N, generator=gen)))
 
 # -----------------------------------------------------------------------------
 # GPU
@@ -99,6 +142,11 @@ def gpu_cases():
         cases.append((M, K, N))
     cases += [(8192, 3072, 3072), (8192, 1024, 18432), (2048, 8192, 3072), (8192, 72, 200)]
     return cases
+
+
+def all_configs():
+    wg = torch.cuda.is_available() and kernel._has_wgmma(torch.cuda.current_device())
+    return list(kernel.CONFIGS) + (list(kernel.WG_CONFIGS) if wg else [])
 
 
 def reference(x, w, alpha):
@@ -133,28 +181,48 @@ def test_kernel_matches_reference(dtype):
         y = kernel.ternary_matmul(x, packed, alpha, N, K)
         assert y.shape == (M, N) and y.dtype == dtype
         check(y, ref)
-        if kernel._use_dequant(M, N, K):  # large M runs the dequant + cuBLAS path by default: check the fused one too
-            poison_allocator(M * N * 2)
-            check(kernel.ternary_matmul(x, packed, alpha, N, K, config=kernel._pick(M, N, K)), ref)
+        if M >= 512 and K % 128 == 0 and N % 16 == 0:  # large M: every path, whichever the dispatch chose
+            for config in [("dequant", 1), ("l128", 1)] + [("w4x128", 1)] * ("w4x128" in all_configs()):
+                poison_allocator(M * N * 2)
+                check(kernel.ternary_matmul(x, packed, alpha, N, K, config=config), ref)
 
 
 @gpu
 def test_every_config_poisoned():
-    """Each tile config x cluster split, straight through _launch into a NaN-filled output."""
+    """Each tile config (wgmma ones on Hopper) x cluster split, straight through _launch into a NaN-filled
+    output; the last shape's M, N, K fill no tile evenly."""
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(1)
-    for (M, K, N) in [(37, 1000, 200), (300, 1152, 1152)]:
+    for (M, K, N) in [(37, 1000, 200), (300, 1152, 1152), (257, 1100, 333)]:
         Kp = kernel._padded(N, K)[1]
         w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
         x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
         alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
         xp = torch.nn.functional.pad(x, (0, Kp - K))
         packed, ref = kernel.pack_2bit(w), reference(x, w, alpha)
-        for name in kernel.CONFIGS:
+        for name in all_configs():
             for cs in (1, 2, 4, 8):
                 y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
                 kernel._launch(xp, packed, alpha, y, N, K, name, cs)
                 check(y, ref)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bias_in_the_epilogue(dtype):
+    """bias (in x's dtype or float32) added in every kernel's epilogue: small M, the wgmma/large-M path,
+    awkward N, a forced mma.sync config and a forced wgmma one."""
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    for (M, K, N) in [(3, 1024, 9216), (600, 1152, 1152), (70, 130, 333), (512, 3072, 3072)]:
+        w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
+        x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
+        alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
+        packed = kernel.pack_2bit(w)
+        for bias in (torch.randn(N, device="cuda", generator=gen), torch.randn(N, device="cuda", generator=gen).to(dtype)):
+            ref = reference(x, w, alpha) + bias.float()
+            for config in [None, ("k16", 2)] + [(c, 1) for c in all_configs() if c.startswith("w")][:2]:
+                poison_allocator(M * N * 2)
+                check(kernel.ternary_matmul(x, packed, alpha, N, K, bias=bias, config=config), ref)
 
 
 @gpu

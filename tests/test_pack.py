@@ -405,3 +405,19 @@ def test_legacy_packed_file_rewritten_in_the_reference_layout(tmp_path):
         torch.testing.assert_close(b(x, t, y), a(x, t, y), rtol=1e-5, atol=1e-5)
     for name in ("layers.0.attention.wq.packed", "final_layer.linear.weight"):  # all but the patch embedder: as is
         assert torch.equal(pack.read_packed(new)[1][name], pack.read_packed(old)[1][name])
+
+
+def test_older_tile_order_converted_on_load(tmp_path, monkeypatch):
+    """A 2-bit file of the tile order before the wgmma kernel loads into the same model, and pack.py rewrites it."""
+    m = _random_tiny(1)
+    old, new, cur = str(tmp_path / "v1.tdit"), str(tmp_path / "new.tdit"), str(tmp_path / "cur.tdit")
+    pack.write_packed(cur, asdict(m.config), 3, pack._encode(m), trits_per_byte=4)
+    pack_now = kernel.pack_2bit
+    with monkeypatch.context() as mp:  # what the older kernel.py wrote
+        mp.setattr(kernel, "pack_2bit", lambda t: pack_now(t, perm=kernel._PERM_V1))
+        pack.write_packed(old, asdict(m.config), 3, pack._encode(m), trits_per_byte=4)
+    assert pack.read_header(old)["pack_2bit_probe"] == pack.V1_PROBE != pack.read_header(cur)["pack_2bit_probe"]
+    a, b = pack.read_packed(old)[1], pack.read_packed(cur)[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pack.main(["--ckpt", old, "--out", new])
+    assert pack.read_header(new)["pack_2bit_probe"] == pack.read_header(cur)["pack_2bit_probe"]

@@ -1,0 +1,298 @@
+// CUDA sources of kernel.py: read its docstring first (the bit layout, the roles of W and X, the tiling).
+// NVRTC compiles this file through CuPy once per configuration; kernel.py (_source) puts the configuration in
+// front of it as #defines and picks the kernel: TMM (mma.sync, any GPU from sm_80), WGMM (wgmma, sm_90a only)
+// or DEQUANT (expand the codes to a 16-bit matrix for cuBLAS).
+typedef unsigned int u32; typedef unsigned short u16; typedef unsigned long long u64;
+
+__device__ __forceinline__ u32 sptr(const void* p) {
+  u32 r; asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p)); return r; }
+__device__ __forceinline__ void cp16(u32 dst, const void* src, int bytes) {  // bytes=0 -> zero fill
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes)); }
+
+#ifndef DEQUANT
+// one 32-bit word = 8 pairs of codes -> 8 x2 registers of {-1,0,1}: (q >> shift) & mask | MAGIC in one LOP3
+// (0xEA = a&b|c) gives MAGIC + q * 4^p exactly, one FMA takes it to q - 1 (kernel.py's docstring)
+__device__ __forceinline__ void dequant(u32 q, u32* a) {
+  const u32 SC[5] = {SCALES}, BI[5] = {BIASES};
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    u32 v;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(q >> (2 * PER * (j / PER))), "r"(0x00030003u << (2 * (j % PER))), "r"(MAGIC));
+    asm("fma.rn." DT "x2 %0, %1, %2, %3;" : "=r"(a[j]) : "r"(v), "r"(SC[j % PER]), "r"(BI[j % PER]));
+  }
+}
+__device__ __forceinline__ u32 word(const uint4& q, int w) { return w == 0 ? q.x : w == 1 ? q.y : w == 2 ? q.z : q.w; }
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+__device__ __forceinline__ float4 ld_rank(const float* p, int rank) {  // read another CTA's shared memory
+  u32 a = sptr(p), r; float4 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(r));
+  return v; }
+__device__ __forceinline__ float bias_at(const void* b, int n) {
+#if BIAS == 2
+  return ((const float*)b)[n];
+#elif BIAS == 1
+  u16 h = ((const u16*)b)[n]; float f;
+  if (IS_BF16) f = __uint_as_float((u32)h << 16); else asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#else
+  return 0.f;
+#endif
+}
+
+// The epilogue of both kernels: the CTA's fp32 partial tiles red[kk][m][n] (kk < NK warp groups that split K,
+// LD floats per row) are summed over kk and over the CS CTAs of the cluster (each CTA reads the others' shared
+// memory and writes its own slice of the tile), scaled by alpha, the bias added, rounded once, stored.
+template <int BM_, int BN_, int NK, int LD_, int NT>
+__device__ __forceinline__ void store_tile(const float* red, float al, const void* bias, u16* Y, int M, int N,
+                                           int m0, int n0, int z, int tid) {
+  const int E = BM_ * BN_ / 4, e1 = E * (z + 1) / CS;
+  for (int e = E * z / CS + tid; e < e1; e += NT) {
+    int r = e / (BN_ / 4), c4 = (e % (BN_ / 4)) * 4, m = m0 + r, n = n0 + c4;
+    if (m >= M || n >= N) continue;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int q = 0; q < CS; q++)
+#pragma unroll
+      for (int kk = 0; kk < NK; kk++) {
+        const float* src = red + (kk * BM_ + r) * LD_ + c4;
+        float4 p = CS > 1 ? ld_rank(src, q) : *(const float4*)src;
+        v.x += p.x; v.y += p.y; v.z += p.z; v.w += p.w;
+      }
+    float o[4] = {v.x * al, v.y * al, v.z * al, v.w * al};
+    if (BIAS)
+#pragma unroll
+      for (int j = 0; j < 4; j++) o[j] += bias_at(bias, min(n + j, N - 1));
+    u32 lo, hi;
+    asm("cvt.rn." DT "x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(o[1]), "f"(o[0]));
+    asm("cvt.rn." DT "x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(o[3]), "f"(o[2]));
+    u16* y = Y + (size_t)m * N + n;
+    if ((N & 3) == 0) *(uint2*)y = make_uint2(lo, hi);
+    else { y[0] = lo; if (n + 1 < N) y[1] = lo >> 16; if (n + 2 < N) y[2] = hi; if (n + 3 < N) y[3] = hi >> 16; }
+  }
+}
+#endif
+
+#ifdef TMM
+// ---------------------------------------------------------------------------------------------------------
+// mma.sync (m16n8k16): small M, and GPUs without wgmma
+#define NTHR (32 * WN * WM * WK)
+#define BN (16 * WNT * WN)
+#define BM (8 * WMT * WM)
+#define LD (BN + 4)  // fp32 epilogue tile row stride: +4 floats keeps the fragment stores conflict-free
+
+__device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." DT "." DT ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)); }
+
+extern "C" __global__ void __launch_bounds__(NTHR) CLUSTER
+tmm(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __restrict__ alpha,
+    const void* __restrict__ bias, u16* __restrict__ Y, int M, int N, int KC, int NT16) {
+  extern __shared__ uint4 smem[];
+  // a pipeline stage holds WK consecutive k128 chunks; warp-group wk works on chunk wk of each stage
+  uint4* Ws = smem;                             // [ST][WK][BN/16 tiles][32 lanes]
+  uint4* Xs = smem + ST * WK * BN * 2;          // [ST][WK][BM rows][16 pieces of 8 k], piece ^= row & 7
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % WN, wm = (warp / WN) % WM, wk = warp / (WN * WM);
+  const int tn0 = blockIdx.x * (BN / 16), m0 = blockIdx.y * BM, KS = (KC + WK - 1) / WK;  // KS stages of K
+  const int z = blockIdx.z, c0 = KS * z / CS, nch = KS * (z + 1) / CS - c0;  // this CTA's share of them
+  const float al = *alpha;                      // issued now, so its latency hides behind the main loop
+
+  auto load = [&](int stage, int sc) {
+    for (int i = tid; i < WK * BN * 2; i += NTHR) {  // weights: BN/16 contiguous 512-byte tiles per chunk
+      int kk = i / (BN * 2), j = i % (BN * 2), tn = tn0 + j / 32, c = sc * WK + kk;
+      cp16(sptr(Ws + (stage * WK + kk) * BN * 2 + j), W + ((size_t)min(tn, NT16 - 1) * KC + min(c, KC - 1)) * 32 + (j & 31),
+           tn < NT16 && c < KC ? 16 : 0);
+    }
+    for (int i = tid; i < WK * BM * 16; i += NTHR) {  // activations: BM rows x 256 bytes; rows >= M read as 0
+      int kk = i / (BM * 16), r = (i >> 4) % BM, ch = i & 15, m = m0 + r, c = sc * WK + kk;
+      cp16(sptr(Xs + ((stage * WK + kk) * BM + r) * 16 + (ch ^ (r & 7))),
+           X + (size_t)min(m, M - 1) * KC * 16 + min(c, KC - 1) * 16 + ch, m < M && c < KC ? 16 : 0);
+    }
+  };
+  float acc[NACC][WNT][WMT][4];                  // NACC > 1: independent mma chains (small tiles, short K)
+#pragma unroll
+  for (int p = 0; p < NACC * WNT * WMT * 4; p++) (&acc[0][0][0][0])[p] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < ST - 1; s++) { if (s < nch) load(s, c0 + s); asm volatile("cp.async.commit_group;"); }
+  for (int i = 0; i < nch; i++) {
+    asm volatile("cp.async.wait_group %0;" :: "n"(ST - 2));
+    __syncthreads();                               // chunk i landed; stage (i-1)%ST is free again
+    if (i + ST - 1 < nch) load((i + ST - 1) % ST, c0 + i + ST - 1);
+    asm volatile("cp.async.commit_group;");
+    const uint4* ws = Ws + ((i % ST) * WK + wk) * BN * 2 + wn * WNT * 32 + lane;
+    // ldmatrix.x4: lanes 8j..8j+7 point at rows 0..7 of piece 4w+j, which hold B of steps 2w (j=0,1), 2w+1 (j=2,3)
+    const u32 xs = sptr(Xs + (((i % ST) * WK + wk) * BM + wm * WMT * 8 + (lane & 7)) * 16);
+    uint4 wq[WNT];
+#pragma unroll
+    for (int a = 0; a < WNT; a++) wq[a] = ws[a * 32];
+#pragma unroll
+    for (int w = 0; w < 4; w++) {                  // word w = mma steps 2w, 2w+1
+      u32 xq[WMT][4];
+#pragma unroll
+      for (int b = 0; b < WMT; b++)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(xq[b][0]), "=r"(xq[b][1]), "=r"(xq[b][2]), "=r"(xq[b][3])
+                     : "r"(xs + (b * 128 + ((4 * w + (lane >> 3)) ^ (lane & 7))) * 16));
+#pragma unroll
+      for (int a = 0; a < WNT; a++) {
+        u32 f[8];
+        dequant(word(wq[a], w), f);
+#pragma unroll
+        for (int b = 0; b < WMT; b++) mma(acc[(2 * w) % NACC][a][b], f, xq[b][0], xq[b][1]);
+#pragma unroll
+        for (int b = 0; b < WMT; b++) mma(acc[(2 * w + 1) % NACC][a][b], f + 4, xq[b][2], xq[b][3]);
+      }
+    }
+  }
+  asm volatile("cp.async.wait_group 0;");
+#pragma unroll
+  for (int p = 1; p < NACC; p++)
+#pragma unroll
+    for (int q = 0; q < WNT * WMT * 4; q++) (&acc[0][0][0][0])[q] += (&acc[p][0][0][0])[q];
+  __syncthreads();
+  float* red = (float*)smem + wk * BM * LD;      // fp32 tiles [WK][BM][LD] in smem
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int a = 0; a < WNT; a++)
+#pragma unroll
+    for (int b = 0; b < WMT; b++) {
+      int n = (wn * WNT + a) * 16 + g, m = (wm * WMT + b) * 8 + 2 * t;
+      red[m * LD + n] = acc[0][a][b][0]; red[(m + 1) * LD + n] = acc[0][a][b][1];
+      red[m * LD + n + 8] = acc[0][a][b][2]; red[(m + 1) * LD + n + 8] = acc[0][a][b][3];
+    }
+  if (CS > 1) cluster_sync(); else __syncthreads();
+  store_tile<BM, BN, WK, LD, NTHR>((const float*)smem, al, bias, Y, M, N, m0, tn0 * 16, z, tid);
+  if (CS > 1) cluster_sync();  // keep our smem alive until every CTA of the cluster has read it
+}
+#endif
+
+#ifdef WGMM
+// ---------------------------------------------------------------------------------------------------------
+// wgmma (sm_90a): WGN warpgroups, each owning 64 output channels (4 warps x one 16-row tile), times BM tokens;
+// MINB CTAs per SM (registers are capped so that they fit).
+// Per k16 step a warpgroup issues wgmma.m64n<BM>k16: A = its dequantised weights from registers (per warp the
+// mma.sync A fragment, which is why the packing serves both kernels), B = the X tile in shared memory, read by
+// the tensor cores through a matrix descriptor, accumulators in registers (BM/2 floats per thread).
+#define NTHR (128 * WGN)
+#define BN (64 * WGN)
+#define LD (BN + 4)
+#define XSTAGE (BM * 256)              // X: 2 swizzle atoms of 64 k, each BM rows x 128 bytes
+#define STAGE (XSTAGE + WGN * 2048)    // then W: one 512-byte tile per warp
+
+// Shared-memory matrix descriptor of a K-major operand with the 128-byte swizzle: start address, leading byte
+// offset (unused for this swizzle, 1 by convention), stride byte offset 1024 (8 rows of 128 bytes), mode 1 = SW128.
+__device__ __forceinline__ u64 desc(u32 addr) {
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62); }
+__device__ __forceinline__ void fence_acc(float* d) {  // keep the compiler from touching in-flight accumulators
+#pragma unroll
+  for (int i = 0; i < BM / 2; i++) asm volatile("" : "+f"(d[i]) :: "memory"); }
+// wgmma_mma(float* d, const u32* a, u64 desc): generated by kernel.py (_wgmma_source), one inline-asm
+// wgmma.mma_async.sync.aligned.m64n<BM>k16.f32.<DT>.<DT> with its BM/2 accumulator operands
+WGMMA_FN
+
+extern "C" __global__ void __launch_bounds__(NTHR, MINB) CLUSTER
+wgmm(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __restrict__ alpha,
+     const void* __restrict__ bias, u16* __restrict__ Y, int M, int N, int KC, int NT16) {
+  extern __shared__ uint4 smem_raw[];
+  // the swizzle is a function of address bits 4-9: each 8-row group must start 1024-byte aligned
+  const u32 pad = (1024 - (sptr(smem_raw) & 1023)) & 1023, sbase = sptr(smem_raw) + pad;
+  char* smem = (char*)smem_raw + pad;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tn0 = blockIdx.x * (BN / 16), m0 = blockIdx.y * BM;
+  const int z = blockIdx.z, c0 = KC * z / CS, nch = KC * (z + 1) / CS - c0;  // this CTA's k128 chunks
+  const float al = *alpha;
+
+  // Loads. Each thread copies the same pieces of every chunk: X rows r0 + j*RS (piece ch) and one 16-byte piece
+  // of its warp's weight tile; their offsets are computed once, a chunk only adds its k offset. Swizzle: piece ch
+  // of row r goes to atom ch/8, piece (ch%8) ^ (r%8), and r%8 is the same for all of a thread's rows.
+  constexpr int RS = NTHR / 16, XJ = BM / RS;
+  const int ch = tid & 15, r0 = tid >> 4, tn = tn0 + warp;
+  u32 xoff[XJ], xok = 0;       // in 16-byte units (kernel.py checks that X has fewer than 2^32 of them)
+#pragma unroll
+  for (int j = 0; j < XJ; j++) {
+    const int m = m0 + r0 + j * RS;
+    xoff[j] = (u32)min(m, M - 1) * (u32)(KC * 16) + ch;
+    xok |= (u32)(m < M) << j;
+  }
+  const u32 xdst = (ch >> 3) * (BM * 128) + r0 * 128 + (((ch & 7) ^ (r0 & 7)) << 4);
+  const uint4* wsrc = W + (size_t)min(tn, NT16 - 1) * KC * 32 + lane;
+  auto load = [&](int stage, int c) {
+    const u32 st = sbase + stage * STAGE;
+#pragma unroll
+    for (int j = 0; j < XJ; j++) cp16(st + xdst + j * RS * 128, X + xoff[j] + c * 16, (xok >> j) & 1 ? 16 : 0);
+    cp16(st + XSTAGE + tid * 16, wsrc + c * 32, tn < NT16 ? 16 : 0);
+  };
+  float acc[BM / 2];
+#pragma unroll
+  for (int i = 0; i < BM / 2; i++) acc[i] = 0.f;
+
+  // Per chunk: wait for its data, refill the stage freed by the previous chunk, dequantise all 8 steps, then
+  // fence, 8 wgmmas, commit, and wait for them. Nothing may write a wgmma input (A registers, descriptors)
+  // between the fence and the wait, or ptxas serialises every wgmma (its note C7513): so a warpgroup does not
+  // dequantise chunk i+1 while chunk i multiplies; the other warpgroups on the SM keep the tensor cores busy.
+#pragma unroll
+  for (int s = 0; s < ST - 1; s++) { if (s < nch) load(s, c0 + s); asm volatile("cp.async.commit_group;"); }
+  fence_acc(acc);
+  for (int i = 0; i < nch; i++) {
+    asm volatile("cp.async.wait_group %0;" :: "n"(ST - 2));
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async wrote it, the tensor cores read it
+    __syncthreads();             // chunk i landed; every warpgroup finished chunk i-1, so its stage is free
+    if (i + ST - 1 < nch) load((i + ST - 1) % ST, c0 + i + ST - 1);
+    asm volatile("cp.async.commit_group;");
+    const u32 xs = sbase + (i % ST) * STAGE;
+    const uint4 wq = *(const uint4*)(smem + (i % ST) * STAGE + XSTAGE + (warp * 32 + lane) * 16);
+    u32 f[4][8];                 // word w = k16 steps 2w, 2w+1: k 32w .. 32w+31 of the chunk
+    u64 d[8];                    // step s: swizzle atom s/4, 32 bytes per step within it
+#pragma unroll
+    for (int w = 0; w < 4; w++) dequant(word(wq, w), f[w]);
+#pragma unroll
+    for (int s = 0; s < 8; s++) d[s] = desc(xs + (s >> 2) * (BM * 128) + (s & 3) * 32);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < 8; s++) wgmma_mma(acc, f[s >> 1] + 4 * (s & 1), d[s]);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  fence_acc(acc);
+  asm volatile("cp.async.wait_group 0;");
+  __syncthreads();
+  float* red = (float*)smem;                         // fp32 tile [BM][LD]: thread holds channels warp*16 + g (+8),
+  const int g = lane >> 2, t = lane & 3, n = warp * 16 + g;  // tokens 8j + 2t (+1)
+#pragma unroll
+  for (int j = 0; j < BM / 8; j++) {
+    int m = 8 * j + 2 * t;
+    red[m * LD + n] = acc[4 * j]; red[(m + 1) * LD + n] = acc[4 * j + 1];
+    red[m * LD + n + 8] = acc[4 * j + 2]; red[(m + 1) * LD + n + 8] = acc[4 * j + 3];
+  }
+  if (CS > 1) cluster_sync(); else __syncthreads();
+  store_tile<BM, BN, 1, LD, NTHR>(red, al, bias, Y, M, N, m0, tn0 * 16, z, tid);
+  if (CS > 1) cluster_sync();
+}
+#endif
+
+#ifdef DEQUANT
+// ---------------------------------------------------------------------------------------------------------
+// expand the codes to a 16-bit (N, K) matrix of -1, 0, 1 for cuBLAS (large M on GPUs without wgmma)
+extern "C" __global__ void dequant(const u32* __restrict__ packed, u32* __restrict__ w, int K, int words, u32 one) {
+  // one thread per 32-bit word = 16 codes of the tile layout (kernel.pack_2bit): word i = (Tn, Ck, g, t, wq);
+  // pair p = (s1, r1, r0) holds its two codes at bits 2p and 16 + 2p: row n = 16 Tn + 8 r0 + g,
+  // columns k, k+1 with k = 128 Ck + 32 wq + 16 s1 + 8 r1 + 2 t
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= words) return;
+  u32 q = packed[i];
+  int wq = i & 3, t = (i >> 2) & 3, g = (i >> 4) & 7, rest = i >> 7, ck_n = K >> 7;
+  int ck = rest % ck_n, tn = rest / ck_n;
+#pragma unroll
+  for (int p = 0; p < 8; p++) {
+    u32 lo = (q >> (2 * p)) & 3u, hi = (q >> (16 + 2 * p)) & 3u;
+    u32 blo = lo == 1u ? 0u : (lo == 2u ? one : (one | 0x8000u)), bhi = hi == 1u ? 0u : (hi == 2u ? one : (one | 0x8000u));
+    long n = 16L * tn + 8 * (p & 1) + g, k = 128L * ck + 32 * wq + 16 * (p >> 2) + 8 * ((p >> 1) & 1) + 2 * t;
+    w[(n * K + k) >> 1] = blo | (bhi << 16);
+  }
+}
+#endif
