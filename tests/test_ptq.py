@@ -29,7 +29,7 @@ def tiny_fp(seed=0):
 @pytest.fixture(scope="module")
 def calibrated():
     m = tiny_fp()
-    calib = ptq.calibration_set(m, n=6, cfg_scale=1.5, num_steps=8, num_calib_steps=4, method="ddim", seed=1,
+    calib = ptq.calibration_set(m, n=3, cfg_scale=1.5, num_steps=8, num_calib_steps=4, method="ddim", seed=1,
                                 device="cpu")
     return m, calib
 
@@ -94,14 +94,14 @@ def test_calibration_set_follows_get_train_samples(calibrated):
     assert ptq.calib_steps(50, 25) == list(range(0, 50, 2)) and ptq.calib_steps(8, 3) == [0, 2, 4]
     assert [c[1][0].item() for c in calib] == [999, 714, 428, 143]  # calls 0, 2, 4, 6 of the 8 DDIM steps
     x, t, y = calib[0]
-    assert x.shape == (12, 1, 32, 32) and (y[6:] == 10).all() and torch.equal(y[:6], torch.arange(6))  # CFG halves
+    assert x.shape == (6, 1, 32, 32) and (y[3:] == 10).all() and torch.equal(y[:3], torch.arange(3))  # CFG halves
 
 
 def test_csb_balances_salience_and_leaves_the_fp_function_unchanged(calibrated):
     m, calib = calibrated
     name = "layers.1.feed_forward.w1"
-    sx_r = ptq.sample_salience(m, calib, [name], batch_size=12)[name]
-    assert sx_r.shape == (4 * 12, m.get_submodule(name).weight.shape[1])  # one row per image and timestep
+    sx_r = ptq.sample_salience(m, calib, [name], batch_size=6)[name]
+    assert sx_r.shape == (4 * 6, m.get_submodule(name).weight.shape[1])  # one row per image and timestep
     sx = sx_r.double().amax(0)
     sw = torch.cat([m.get_submodule(n).weight for n in (name, "layers.1.feed_forward.w3")]).abs().amax(0).double()
     b = ptq.balance(sx, sw)
@@ -159,7 +159,7 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     m = tiny_fp()
     ckpt, out = tmp_path / "fp.pt", tmp_path / "r.json"
     torch.save({"model": m.state_dict(), "ema": m.state_dict(), "step": 0, "model_config": asdict(m.config)}, ckpt)
-    common = ["ptq.py", "--ckpt", str(ckpt), "--device", "cpu", "--num-calib", "4", "--num-calib-steps", "2",
+    common = ["ptq.py", "--ckpt", str(ckpt), "--device", "cpu", "--num-calib", "2", "--num-calib-steps", "2",
               "--num-steps", "3", "--num-samples", "20", "--batch-size", "10"]
     monkeypatch.setattr(sys, "argv", common + ["--wbits", "4", "--abits", "8", "--method", "ptq4dit", "--out", str(out)])
     ptq.main()
