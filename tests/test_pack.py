@@ -457,7 +457,7 @@ def _block_inputs(m, dtype):
     torch.manual_seed(0)
     hd = m.config.dim // m.config.n_heads
     x = torch.randn(2, 64, m.config.dim).to(dtype)
-    mod = m.fused_adaln(torch.randn(2, 128)).unbind(1)[0].to(dtype)
+    mod = m.fused_adaln(torch.randn(2, m.fused_adaln.in_features)).unbind(1)[0].to(dtype)
     return x, mod, *model_lib.rope(64, hd, "cpu", dtype=dtype)
 
 
