@@ -35,7 +35,7 @@ from model import SIZES, RMSNorm, TerDiT, TerDiTConfig
 import quant
 from pack import PackedTernaryLinear, fuse_adaln
 from quant import TernaryLinear
-from sample import CUDAGraphed
+from sample import CUDAGraphed, inference_context
 
 # (model, layer, K, N): the token-wise linears of TerDiT-600M / 4.2B and DiT-XL, plus the adaLN GEMVs
 SHAPES = [
@@ -152,7 +152,9 @@ def markdown(rows, title):
 
 def random_pair(size, dev, gen):
     """The same random ternary TerDiT (ImageNet-256 config: 32x32x4 latents, 1000 classes) twice: as a packed
-    model (PackedTernaryLinear, fused kernel) and as a plain bf16 model whose linears hold alpha * trits."""
+    model (PackedTernaryLinear, fused kernel) and as a plain bf16 model whose linears hold alpha * trits. Both
+    run in bf16 without autocast: the packed one is the lean model sample.py runs on a GPU
+    (pack.load_packed(..., dtype=torch.bfloat16): bf16 tensors, float32 α, model.lean() true inside)."""
     cfg = TerDiTConfig(**SIZES[size], in_channels=4, num_classes=1000)
     bf = TerDiT(replace(cfg, ternary=False), device="meta").to_empty(device=dev)
     ternary = {}
@@ -179,6 +181,8 @@ def random_pair(size, dev, gen):
             packed.set_submodule(name, layer)
         rest = {k: v for k, v in bf.state_dict().items() if k.rsplit(".", 1)[0] not in ternary}
         packed.load_state_dict(rest, strict=False, assign=True)
+    lean = {n: t.dtype for n, t in packed.state_dict().items() if not n.endswith((".packed", ".alphas"))}
+    assert set(lean.values()) == {torch.bfloat16}, "the packed row must be the lean bf16 model"
     return fuse_adaln(packed.eval()), bf
 
 
@@ -232,7 +236,7 @@ def bench_one_model(model, steps, batch, packed, reps=20):
         times.append(a.elapsed_time(b))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with inference_context(model):  # nothing: both models are bf16 (the sampler's float32 x is cast at the embedder)
         Diffusion().sample(runner, y, (4, 32, 32), cfg_scale=4.0, num_steps=steps, method="ddpm", clip_denoised=False,
                            generator=torch.Generator(device="cuda").manual_seed(0))
     torch.cuda.synchronize()

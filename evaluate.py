@@ -16,7 +16,6 @@ plays Inception's part, and we report:
 """
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -202,10 +201,9 @@ def generate(model, n, cfg_scale, num_steps, method, batch_size, seed, device, c
     g = torch.Generator(device).manual_seed(seed)
     y = torch.arange(n, device=device) % cfg.num_classes
     import sample  # here, as in main(): this module and its tests work without the sampler's imports
-    runner, autocast = model, contextlib.nullcontext()
-    if torch.device(device).type == "cuda":  # as sample.py: bf16 autocast, each step one CUDA graph replay
-        runner, autocast = sample.CUDAGraphed(model), torch.autocast("cuda", dtype=torch.bfloat16)
-    with autocast:
+    # as sample.py: bf16 (a packed model in bf16, else float32 under bf16 autocast), each step one CUDA graph replay
+    runner = sample.CUDAGraphed(model) if torch.device(device).type == "cuda" else model
+    with sample.inference_context(model):
         if compile:
             print(f"compiled in {sample.compile_model(runner, model, min(batch_size, n), cfg_scale):.1f} s")
         out = [diff.sample(runner, yb, (cfg.in_channels, cfg.input_size, cfg.input_size), cfg_scale, num_steps,

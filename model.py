@@ -85,8 +85,23 @@ def build_model(size, device=None, **overrides):
     return TerDiT(TerDiTConfig(**SIZES[size], **overrides), device=device)
 
 
+def lean(x):
+    """True inside a 16-bit inference model (bf16 weights, no autocast: load_packed(..., dtype=torch.bfloat16)),
+    where x's dtype is the model's and the helpers below skip float32 round trips. False in training (float32
+    weights under autocast: activations there switch between bf16 and float32) and in float32 inference, which
+    keep their formulas bit for bit."""
+    return x.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type)
+
+
 def rms_norm(x, weight, eps):
-    """LLaMA's RMSNorm over the last dim, computed in float32 whatever the autocast dtype (as the reference does)."""
+    """LLaMA's RMSNorm over the last dim, with the mean of squares in float32 whatever x's dtype (as the reference).
+
+    Training (float32 weights, under autocast) and float32 inference: the reference's formula, unchanged. The
+    16-bit model (lean(x), a gain of x's dtype): F.rms_norm, which on CUDA is one fused kernel that accumulates
+    in float32 and rounds once to x's dtype, instead of a float32 copy of the (N, T, D) activations, five float32
+    ops on it and a cast back (on a CPU, F.rms_norm runs the reference's formula itself)."""
+    if lean(x) and weight.dtype == x.dtype:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
@@ -101,14 +116,29 @@ class RMSNorm(nn.Module):
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x * (1 + scale) + shift, shift and scale (N, D) broadcast over the tokens of x (N, T, D)."""
+    if not lean(x):  # training and float32 inference: the formula as it always was, bit for bit
+        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    # the 16-bit model: one kernel (computes in float32, rounds once) instead of two full-size ones
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
-def rope(T, head_dim, device, theta=10000.0):
-    """cos and sin of the rotary angles, each (T, head_dim/2): 1-D RoPE over the flattened token index."""
+def gated_residual(x, gate, y):
+    """x + gate * y, gate (N, D) broadcast over the tokens: adaLN-Zero's gated residual update."""
+    if not lean(x):  # as modulate: training's numerics unchanged
+        return x + gate.unsqueeze(1) * y
+    return torch.addcmul(x, gate.unsqueeze(1), y)  # one kernel, float32 inside, one rounding
+
+
+def rope(T, head_dim, device, theta=10000.0, dtype=torch.float32):
+    """The rotary tables for apply_rope, each (T, head_dim), in dtype: cos of each pair's angle twice, and its sin
+    with the sign the pair's first element takes, (-sin, sin). 1-D RoPE over the flattened token index. The
+    angles are computed in float32 (t * freq loses too much in bf16), then rounded once to dtype."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), freqs)  # (T, hd/2)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return (torch.stack([cos, cos], -1).flatten(-2).to(dtype),   # (T, hd): c0, c0, c1, c1, ...
+            torch.stack([-sin, sin], -1).flatten(-2).to(dtype))  # (T, hd): -s0, s0, -s1, s1, ...
 
 
 def sincos_pos_embed(dim, h, w, device):
@@ -125,9 +155,17 @@ def sincos_pos_embed(dim, h, w, device):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x0, x1) of x (N, T, H, hd): the reference's complex multiply, in real arithmetic."""
+    """Rotate adjacent pairs (x0, x1) of x (N, T, H, hd) by the angles of rope()'s tables: the reference's complex
+    multiply in real arithmetic, (x0 cos - x1 sin, x0 sin + x1 cos)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd)
+    if lean(x):
+        # the 16-bit model: x * cos + swap(x) * sin, 4 kernels in x's dtype instead of a float32 copy of q (k),
+        # 8 float32 ops and a cast back; 3 roundings instead of 1, still within bf16's precision
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
+        return x * cos + swapped * sin
+    # training and float32 inference: in float32, exactly as before (forward and backward)
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (N, T, H, hd/2)
-    cos, sin = cos[:, None, :], sin[:, None, :]           # (T, 1, hd/2)
+    cos, sin = cos[..., ::2], sin[..., 1::2]               # each (T, 1, hd/2): cos and sin of each pair's angle
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
@@ -237,8 +275,8 @@ class TerDiTBlock(nn.Module):
         """mod: this block's modulation if TerDiT.modulations computed it up front (packed models); None: from c here."""
         mod = self.modulation(c) if mod is None else mod
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa), cos, sin)
-        x = x + gate_mlp.unsqueeze(1) * self.feed_forward(modulate(self.ffn_norm(x), shift_mlp, scale_mlp))
+        x = gated_residual(x, gate_msa, self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa), cos, sin))
+        x = gated_residual(x, gate_mlp, self.feed_forward(modulate(self.ffn_norm(x), shift_mlp, scale_mlp)))
         return x  # (N, T, D)
 
 
@@ -341,11 +379,14 @@ class TerDiT(nn.Module):
         if H % p or W % p or C != self.config.in_channels:
             raise ValueError(f"input of shape {tuple(x.shape)} does not fit this model "
                              f"({self.config.in_channels} channels, sides divisible by {p})")
-        h = self.x_embedder(self.patchify(x))       # (N, T, D)
+        # the model's own dtype from here on: float32 (training, under autocast), or bf16 for a bf16 inference
+        # model (load_packed(..., dtype=torch.bfloat16)), whose residual stream then stays bf16 throughout
+        dtype = self.x_embedder.weight.dtype
+        h = self.x_embedder(self.patchify(x.to(dtype)))  # (N, T, D)
         if self.config.pos_embed:
             h = h + sincos_pos_embed(self.config.dim, H // p, W // p, x.device).to(h.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (N, cond_dim)
-        cos, sin = rope(h.shape[1], self.config.dim // self.config.n_heads, x.device)
+        cos, sin = rope(h.shape[1], self.config.dim // self.config.n_heads, x.device, dtype=dtype)
         for block, mod in zip(self.layers, self.modulations(c)):
             h = block(h, c, cos, sin, mod)
         return self.unpatchify(self.final_layer(h, c), H, W)  # (N, out_channels, H, W)

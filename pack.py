@@ -173,6 +173,9 @@ class FusedAdaLN(nn.Module):
         y = kernel.ternary_matmul_op(x, self.packed, self.one, depth * self.width, self.in_features)
         alphas = torch.stack([m.alphas for m in self.linears])  # (depth, 1), float32
         bias = torch.stack([m.bias for m in self.linears])       # (depth, 6 * dim)
+        # float32 from the matmul to the norm, even in the bf16 model: these are all blocks' modulations at once,
+        # (N, depth, 6 * dim), computed once per step (a handful of ops, not per block), and they scale and gate
+        # every block's residual stream, so they get one rounding to the model's dtype, at the end
         y = y.view(-1, depth, self.width).float() * alphas + bias.float()
         if isinstance(self.norms[0], nn.Identity):  # trained without the adaLN RMSNorm
             return y.to(x.dtype)
@@ -311,10 +314,14 @@ def read_packed(path):
     return hdr, state
 
 
-def load_packed(path, device="cpu"):
-    """A TerDiT in eval mode whose ternary layers are PackedTernaryLinear; full-precision tensors come back as
-    float32. Run bf16 inference under torch.autocast as sample.py does (packed layers then compute in bf16 with
-    the fused kernel); .to(dtype) also leaves the packed codes and α alone."""
+def load_packed(path, device="cpu", dtype=torch.float32):
+    """A TerDiT in eval mode whose ternary layers are PackedTernaryLinear; its full-precision tensors (embedders,
+    norm gains, biases, final layer) in dtype, α float32 and the 2-bit codes as stored whatever dtype is.
+
+    dtype=torch.bfloat16 is the lean inference model sample.py runs on a GPU, without autocast: bf16 from input
+    to output (the file stores these tensors in bf16, so nothing is lost), the packed layers straight into the
+    fused kernel, and model.lean() makes RMSNorm, modulation and RoPE skip float32 round trips. float32 (the
+    default) is for a CPU, or for bf16 autocast as training runs; .to(dtype) later also leaves codes and α alone."""
     hdr, state = read_packed(path)
     # Build on the meta device (no memory, no init), swap in packed layers, then take every tensor from the file.
     model = TerDiT(config_from_dict(hdr["config"]), device="meta")
@@ -326,7 +333,7 @@ def load_packed(path, device="cpu"):
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise ValueError(f"{path} is corrupt (its tensors do not match its config): {err}") from None
-    return fuse_adaln(model.requires_grad_(False).eval().to(device))
+    return fuse_adaln(model.requires_grad_(False).eval().to(device=device, dtype=dtype))
 
 
 # -----------------------------------------------------------------------------

@@ -45,7 +45,10 @@ DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo.
 
 def load_model(path, device):
     """A TerDiT in eval mode from a pack.py file, a train.py checkpoint (EMA weights when present), or an official
-    TerDiT checkpoint folder (pack.read_reference)."""
+    TerDiT checkpoint folder (pack.read_reference). On a GPU a pack.py file loads as the lean bf16 model
+    (pack.load_packed(..., dtype=torch.bfloat16), run without autocast); everything else loads in float32, to
+    run under bf16 autocast on a GPU (inference_context): an unpacked ternary layer recomputes its trits from
+    float32 latent weights (quant.ternarize), which bf16 weights would change."""
     if os.path.isdir(path):
         return pack.read_reference(path)[1].to(device)
     what = "pass --ckpt a train.py .pt, a pack.py file or an official TerDiT checkpoint folder"
@@ -54,7 +57,7 @@ def load_model(path, device):
     if os.path.getsize(path) == 0:
         raise ValueError(f"'{path}' is empty (0 bytes): {what}")
     if pack.is_packed(path):
-        return pack.load_packed(path, device)
+        return pack.load_packed(path, device, torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch's own text here is about pickling and weights_only, not about the file
@@ -68,6 +71,15 @@ def load_model(path, device):
         raise ValueError(f"'{path}' is not a TerDiT checkpoint (train.py .pt or pack.py file): "
                          f"{type(e).__name__} {reason}".rstrip()) from None
     return model.to(device).eval()
+
+
+def inference_context(model):
+    """What to run the model under: bf16 autocast for a float32 model on a GPU; nothing on a CPU (float32), nor
+    for a bf16 model, which computes in bf16 by itself without autocast's casts (load_model, on a GPU)."""
+    p = next(model.parameters())
+    if p.device.type == "cuda" and p.dtype == torch.float32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 class CUDAGraphed:
@@ -109,7 +121,7 @@ class CUDAGraphed:
 def compile_model(runner, model, n, cfg_scale):
     """Regional torch.compile of the model, compiled now by one pass at the sampler's shapes (n images, CFG
     doubling the batch) rather than in the first step; through runner, so a CUDAGraphed runner also captures
-    that step's graph. Call it inside the sampler's autocast context: autocast is part of what compiled code
+    that step's graph. Call it inside the sampler's inference_context: autocast is part of what compiled code
     is specialised to. Returns the seconds it took."""
     cfg, device = model.config, next(model.parameters()).device
     batch = 2 * n if cfg_scale != 1.0 else n
@@ -217,8 +229,7 @@ def main(argv=None):
     vae = data.VAE(args.vae, device) if cfg.in_channels == 4 else None
 
     y = torch.tensor(classes, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with autocast:
+    with inference_context(model):
         runner = CUDAGraphed(model) if device.type == "cuda" else model
         n = args.batch_size if args.num_fid_samples else len(classes)
         if args.compile:

@@ -421,3 +421,107 @@ def test_older_tile_order_converted_on_load(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     pack.main(["--ckpt", old, "--out", new])
     assert pack.read_header(new)["pack_2bit_probe"] == pack.read_header(cur)["pack_2bit_probe"]
+
+
+# -----------------------------------------------------------------------------
+# the lean bf16 inference model (load_packed(..., dtype=torch.bfloat16)): what sample.py runs on a GPU
+
+class _CountConversions(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts, over the aten ops run under it (after autograd and autocast), the dtype conversions (aten._to_copy:
+    what .to(dtype), .float(), .type_as and autocast's casts issue) and the ops whose output is a float32 tensor
+    of at least `big` elements (activations held in float32; not a norm's per-token statistics). Each is a full pass over an activation tensor.
+
+    Ops inside F.rms_norm are left out: on a CPU it decomposes into the reference's float32 formula (two casts,
+    five float32 ops), on CUDA it is one fused kernel (aten._fused_rms_norm); the CPU cannot count that one."""
+
+    def __init__(self, big):
+        super().__init__()
+        self.big, self.conversions, self.float32_ops, self.in_rms_norm = big, 0, 0, False
+        outer = self
+
+        class Skip(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is not torch.nn.functional.rms_norm:
+                    return func(*args, **(kwargs or {}))
+                outer.in_rms_norm = True
+                try:
+                    return func(*args, **(kwargs or {}))
+                finally:
+                    outer.in_rms_norm = False
+
+        self.skip = Skip()
+
+    def __enter__(self):
+        self.skip.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.skip.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.in_rms_norm:
+            self.conversions += func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to)
+            self.float32_ops += any(isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.numel() >= self.big
+                                    for o in (out if isinstance(out, (tuple, list)) else [out]))
+        return out
+
+
+def _block_inputs(m, dtype):
+    """(x, mod, cos, sin) for one block of m, as TerDiT.forward hands them over, x and mod in dtype."""
+    torch.manual_seed(0)
+    hd = m.config.dim // m.config.n_heads
+    x = torch.randn(2, 64, m.config.dim).to(dtype)
+    mod = m.fused_adaln(torch.randn(2, m.fused_adaln.in_features)).unbind(1)[0].to(dtype)
+    return x, mod, *model_lib.rope(64, hd, "cpu", dtype=dtype)
+
+
+def test_bf16_model_is_bf16_but_alpha_and_codes(packed):
+    m = pack.load_packed(packed[1], dtype=torch.bfloat16)
+    for name, t in [*m.named_parameters(), *m.named_buffers()]:
+        if name.endswith(".packed"):
+            assert t.dtype == torch.uint8, name
+        elif name.endswith(".alphas") or name == "fused_adaln.one":  # α exact; fused adaLN's α = 1
+            assert t.dtype == torch.float32, name
+        else:
+            assert t.dtype == torch.bfloat16, name
+    ref = pack.load_packed(packed[1])
+    for (name, a), b in zip(m.state_dict().items(), ref.state_dict().values()):  # the file's values, unrounded
+        assert torch.equal(a.float(), b.float()), name
+
+
+def test_bf16_model_matches_autocast(packed):
+    # the lean bf16 model (no autocast) computes what the float32 model computes under bf16 autocast, within
+    # bf16 rounding: the same bf16 matmuls, but bf16 activations between them instead of float32 ones
+    m16, m32 = pack.load_packed(packed[1], dtype=torch.bfloat16), pack.load_packed(packed[1])
+    x, t, y = torch.randn(4, 1, 32, 32), torch.tensor([1, 250, 600, 999]), torch.tensor([0, 3, 7, 10])
+    with torch.no_grad():
+        out16 = m16(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out32 = m32(x, t, y).float()
+        exact = m32(x, t, y)  # float32 throughout
+    assert out16.dtype == torch.bfloat16
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+    assert rel(out16, exact) < 2e-2 and rel(out32, exact) < 2e-2
+    assert rel(out16, out32) < 2e-2
+    with torch.no_grad():  # and with CFG, as the sampler calls it (float32 noise in): 4x the differences
+        assert rel(m16.forward_with_cfg(x, t, y, 4.0), m32.forward_with_cfg(x, t, y, 4.0)) < 8e-2
+
+
+def test_bf16_block_has_no_dtype_round_trips(packed):
+    # one block's forward: the float32 model under bf16 autocast (how sample.py ran on a GPU before) converts
+    # activations back and forth and keeps the residual stream, norms, modulation and gating in float32; the
+    # lean bf16 model has no conversion and no float32 activation outside F.rms_norm (one fused kernel on CUDA)
+    counts = {}
+    for name, dtype, autocast in [("fp32+autocast", torch.float32, True), ("bf16 lean", torch.bfloat16, False)]:
+        m = pack.load_packed(packed[1], dtype=dtype)
+        x, mod, cos, sin = _block_inputs(m, dtype)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                _CountConversions(big=x.numel()) as c:
+            out = m.layers[0](x, None, cos, sin, mod)
+        counts[name] = dict(conversions=c.conversions, float32_ops=c.float32_ops)
+    assert out.dtype == torch.bfloat16
+    print(f"one block's forward: {counts}")
+    assert counts["bf16 lean"] == dict(conversions=0, float32_ops=0), counts
+    assert counts["fp32+autocast"]["conversions"] >= 5 and counts["fp32+autocast"]["float32_ops"] >= 10, counts
