@@ -38,20 +38,24 @@ shared memory, alpha (a device scalar) and the bias applied in the epilogue:
   wgmm (wgmma, sm_90a): M >= 64 on Hopper. WGN warpgroups each own 64 channels; per k16 step a warpgroup
     dequantises its 4 registers and issues one asynchronous wgmma.m64n<BM>k16 whose B, the X tile, the tensor
     cores read from shared memory through a matrix descriptor (the canonical K-major layout with the 128-byte
-    swizzle: 16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes apart). Dequantising step s+1
-    overlaps the tensor cores' work on step s.
+    swizzle: 16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes apart). A warpgroup dequantises
+    a whole chunk, issues its 8 wgmmas and waits for them (writing wgmma inputs while wgmmas run makes ptxas
+    serialise them); 2-3 warpgroups per SM overlap one another's dequantisation with their multiplies.
 When (N/BN)*(M/BM) CTAs cannot fill the SMs, K is also split over a thread-block *cluster* of CS = 2..8 CTAs
 whose partial tiles are summed through distributed shared memory (mapa + ld.shared::cluster): one launch, no
 workspace, memset or atomics, deterministic, CUDA-graph safe. CONFIGS / WG_CONFIGS list the tiles; _TUNED holds
-the fastest (config, CS) per shape and M measured with `python bench.py --sweep`, _pick falls back to a heuristic.
+the fastest (config, CS) per shape and M measured with `python bench.py --sweep`; _pick falls back to a heuristic.
 
-What limits it (H100 SXM: 3.0 TB/s, ~640 TFLOP/s for mma.sync, ~800 for wgmma; the H200: 4.8 TB/s). At
-K=N=3072 the bf16 weights are 18.9 MB, the 2-bit ones 2.4 MB: 8x fewer bytes. Each token adds 2*K*N FLOPs but
-no weight bytes, so a 2-bit kernel is compute bound from M ~ 33 (bf16: M ~ 267). At small M the kernel is
-latency bound (launch ~1 us + a DRAM round trip + the per-chunk dependency chain + the epilogue), so the 8x
-byte saving shows up only partly (2-2.7x at M <= 16). From M ~ 256 both are tensor-core bound: mma.sync tops
-out near 360 TFLOP/s, against ~780 for cuBLAS's wgmma, which is why Hopper gets the wgmma kernel; elsewhere
-M >= 512 expands the codes to a transient 16-bit matrix for cuBLAS (below).
+What limits it (H200: 4.8 TB/s, ~990 TFLOP/s dense bf16; cuBLAS reaches ~800 on these shapes). At K=N=3072
+the bf16 weights are 18.9 MB, the 2-bit ones 2.4 MB: 8x fewer bytes. Each token adds 2*K*N FLOPs but no
+weight bytes, so a 2-bit kernel is compute bound from M ~ 25 (bf16: M ~ 200). At small M the kernel is latency
+bound (launch ~1 us + a DRAM round trip + the per-chunk dependency chain + the epilogue): 1.3-2.1x over cuBLAS
+at M <= 16, not 8x. From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmma reaches
+~810 TFLOP/s in this kernel's main loop when the loads are left out (bench notes in README), and 0.75-0.97x
+cuBLAS with them: the cp.async loads issued by the same warps, and the CTA barrier per chunk, leave the tensor
+cores idle part of the time. TMA loads (one thread per stage, the hardware swizzling) from a producer warp, with
+mbarriers in place of the barrier, are the next step. Off Hopper, M >= 512 expands the codes to a transient
+16-bit matrix for cuBLAS instead (below).
 """
 
 import functools
@@ -140,11 +144,8 @@ CONFIGS = {
 }
 # wgmma tiles (sm_90a), name: (WGN, BM, ST, MINB) -> BN = 64*WGN channels x BM tokens, WGN warpgroups, ST stages,
 # MINB CTAs per SM: a warpgroup waits for its own wgmmas, so the SM needs several warpgroups to keep the tensor
-# cores busy. The survivors of a wider sweep on an H200.
-WG_CONFIGS = {
-    "w64": (1, 64, 4, 3), "w2x64": (2, 64, 4, 2), "w2x128": (2, 128, 3, 2), "w2x192": (2, 192, 4, 1),
-    "w4x64": (4, 64, 6, 1), "w4x128": (4, 128, 5, 1),
-}
+# cores busy. The survivors of a wider sweep on an H200 (BM = 192, 256; 4 warpgroups; deeper rings won nowhere).
+WG_CONFIGS = {"w64": (1, 64, 4, 3), "w2x64": (2, 64, 4, 2), "w2x128": (2, 128, 3, 2)}
 
 
 def _tile(name):
@@ -222,19 +223,20 @@ def _has_wgmma(device):
 # -----------------------------------------------------------------------------
 # choosing a config
 
-# fastest (config, cluster split) per (K, N) -> {M: ...}, from `python bench.py --sweep` (the mma.sync rows on
-# an H100 80GB HBM3); a problem uses the entry of the smallest tuned M >= its M. Rows whose config is a wgmma
-# one apply on Hopper only (_pick falls back to the heuristic elsewhere).
+# fastest (config, cluster split) per (K, N) -> {M: ...}, from `python bench.py --what kernels --sweep` on an
+# NVIDIA H200 (candidates: mma.sync and wgmma tiles x cluster splits, and dequant + cuBLAS from M = 512, which
+# won nowhere); a problem uses the entry of the smallest tuned M >= its M. wgmma entries apply on Hopper only
+# (_pick falls back to its heuristic elsewhere).
 _TUNED = {
-    (1536, 1536): {1: ("k8", 1), 8: ("k8", 1), 16: ("k16", 1), 64: ("k32", 1)},
-    (1536, 4096): {1: ("k8", 1), 8: ("k8", 1), 16: ("k16", 1), 64: ("k32", 1)},
-    (4096, 1536): {1: ("k8b", 8), 8: ("k8b", 8), 16: ("k16", 4), 64: ("m64", 8)},
-    (1024, 9216): {1: ("k8", 1), 8: ("k8", 1), 16: ("k16", 1), 64: ("s32", 1)},
-    (3072, 3072): {1: ("k8b", 4), 8: ("k8", 1), 16: ("k16", 1), 64: ("m64", 4)},
-    (3072, 8192): {1: ("k8", 1), 8: ("k8", 1), 16: ("k16", 1), 64: ("k64", 2)},
-    (8192, 3072): {1: ("k8b", 4), 8: ("k8b", 4), 16: ("s16", 8), 64: ("m64", 4)},
-    (1024, 18432): {1: ("k8b", 1), 8: ("k8b", 1), 16: ("s16", 1), 64: ("m64", 1)},
-    (1152, 1152): {1: ("k8", 1), 8: ("k8", 1), 16: ("k16", 1), 64: ("k32", 1)},
+    (1536, 1536): {1: ('k8b', 4), 8: ('k8', 1), 16: ('k16', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1536, 4096): {1: ('k8', 1), 8: ('k8', 1), 16: ('k16', 1), 64: ('w64', 2), 256: ('w64', 1), 512: ('w2x128', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (4096, 1536): {1: ('k8b', 8), 8: ('k8b', 8), 16: ('k16', 4), 64: ('w64', 8), 256: ('w2x64', 4), 512: ('w64', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1024, 9216): {1: ('k8', 1), 8: ('k8', 1), 16: ('s16', 2), 64: ('w64', 1), 256: ('w64', 1), 512: ('w64', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (3072, 3072): {1: ('k8b', 4), 8: ('k8b', 4), 16: ('s16', 8), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 1), 2048: ('w2x128', 2), 8192: ('w2x128', 1)},
+    (3072, 8192): {1: ('k8b', 2), 8: ('k8b', 2), 16: ('k16', 1), 64: ('w64', 2), 256: ('w2x128', 2), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (8192, 3072): {1: ('k8b', 4), 8: ('k8b', 4), 16: ('s16', 8), 64: ('w64', 4), 256: ('w64', 2), 512: ('w2x128', 2), 2048: ('w2x128', 2), 8192: ('w2x128', 1)},
+    (1024, 18432): {1: ('k8b', 1), 8: ('k8b', 1), 16: ('s16', 1), 64: ('w64', 1), 256: ('w64', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1152, 1152): {1: ('k8b', 4), 8: ('k8b', 4), 16: ('k16', 1), 64: ('w64', 4), 256: ('w64', 1), 512: ('w64', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
 }
 WGMMA_MIN_M = 64  # from here on Hopper the wgmma kernel (the heuristic's threshold; _TUNED may say otherwise)
 
@@ -259,7 +261,7 @@ def _pick(M, N, K, sms=132, wgmma=False):
     if _use_dequant(M, N, K, wgmma):
         return "dequant", 1
     if wgmma and M >= WGMMA_MIN_M:  # wgmma: the largest tile that still gives ~ a CTA per SM
-        for name in ("w4x128", "w2x128", "w2x64", "w64"):
+        for name in ("w2x128", "w2x64", "w64"):
             bn, bm = _tile(name)[:2]
             if -(-N // bn) * -(-M // bm) >= sms or name == "w64":
                 break
