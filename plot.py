@@ -3,7 +3,7 @@ Training-loss curves of one or more runs, from their log.jsonl files (written by
 2-bit kernel's speed-up over cuBLAS per layer shape, from a `bench.py --what kernels` JSON.
 
     python plot.py --logs out/ternary/log.jsonl out/fp/log.jsonl --labels ternary fp --out assets/loss.png
-    python plot.py --kernels bench_results/kernels_h100.json --out results/kernel_speedup.png
+    python plot.py --kernels bench_results/kernels_h200.json --out results/kernel_speedup.png
 
 Each curve is a centred moving median (--smooth log points) over the faint raw losses. matplotlib is needed
 by this script only (pip install matplotlib); nothing else in the repository imports it.

@@ -66,26 +66,32 @@ gpu_cupy = pytest.mark.skipif(not torch.cuda.is_available() or pack.kernel.cp is
 
 @gpu_cupy
 def test_cuda_graph_of_the_compiled_packed_model(ckpt, tmp_path):
-    """Regional torch.compile (Inductor) + the fused kernels' custom op + CUDAGraphed capture: the replayed step
-    equals the eager step, and no block recompiles."""
+    """Regional torch.compile (Inductor) + the fused kernels' custom op + CUDAGraphed capture of the bf16 packed
+    model sample.py runs: the replayed step is as close to a float32 reference as the eager bf16 step is (Inductor
+    rounds fused elementwise chains once, eager bf16 after every op, so the two differ by more than rounding),
+    and no block recompiles."""
     from torch._dynamo.utils import counters
     tdit = str(tmp_path / "g.tdit")
     pack.main(["--ckpt", ckpt, "--out", tdit])
     eager, compiled = sample.load_model(tdit, "cuda"), sample.load_model(tdit, "cuda")
+    assert next(compiled.parameters()).dtype == torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(6, 1, 16, 16, device="cuda", generator=g)
     t, y = torch.randint(0, 1000, (6,), device="cuda", generator=g), torch.tensor([0, 1, 2, 10, 10, 10], device="cuda")
+    with torch.no_grad():
+        ref = pack.load_packed(tdit, "cuda").forward_with_cfg(x, t, y, 4.0)  # float32 (the kernel's reference path)
+    err = lambda out: ((out.float() - ref).norm() / ref.norm()).item()
     torch._dynamo.reset()
     counters.clear()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), sample.inference_context(compiled):
         runner = sample.CUDAGraphed(compiled)
         seconds = sample.compile_model(runner, compiled, 3, 4.0)
-        want = eager.forward_with_cfg(x, t, y, 4.0).float()
+        want = eager.forward_with_cfg(x, t, y, 4.0)
         for _ in range(2):
-            got = runner.forward_with_cfg(x, t, y, 4.0).float()
-            assert ((got - want).norm() / want.norm()).item() < 1e-2
-    # one graph for the fused adaLN, one for a block that every block reuses, and one more for block 0, whose input
-    # is the embedder's bf16 output where the later blocks get the float32 residual stream: not one per block
+            got = runner.forward_with_cfg(x, t, y, 4.0)
+            assert err(got) < 1.5 * err(want) + 2e-3, (err(got), err(want))
+    # one graph for the fused adaLN and one for a block that every block reuses (block 0 too: the residual stream
+    # is bf16 from the embedder on), at most one more: not one per block
     assert seconds > 0 and counters["stats"]["unique_graphs"] <= 3 < len(compiled.layers) + 1
     assert not counters["recompiles"]
 
