@@ -182,7 +182,7 @@ def test_kernel_matches_reference(dtype):
         assert y.shape == (M, N) and y.dtype == dtype
         check(y, ref)
         if M >= 512 and K % 128 == 0 and N % 16 == 0:  # large M: every path, whichever the dispatch chose
-            for config in [("dequant", 1), ("l128", 1)] + [("w4x128", 1)] * ("w4x128" in all_configs()):
+            for config in [("dequant", 1), ("l128", 1)] + [("w2x128", 1)] * ("w2x128" in all_configs()):
                 poison_allocator(M * N * 2)
                 check(kernel.ternary_matmul(x, packed, alpha, N, K, config=config), ref)
 
