@@ -35,12 +35,12 @@ shared memory, alpha (a device scalar) and the bias applied in the epilogue:
     WN x WM x WK: WK > 1 warp groups take different k128 chunks of each stage, so a CTA's chunks are consumed
     in parallel rather than one after another (what matters at small M, where everything is latency). X is
     XOR-swizzled in shared memory (16-byte piece ^ row%8) and read with ldmatrix.x4, conflict-free.
-  wgmm (wgmma, sm_90a): M >= 64 on Hopper. WGN warpgroups each own 64 channels; per k16 step a warpgroup
-    dequantises its 4 registers and issues one asynchronous wgmma.m64n<BM>k16 whose B, the X tile, the tensor
-    cores read from shared memory through a matrix descriptor (the canonical K-major layout with the 128-byte
-    swizzle: 16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes apart). A warpgroup dequantises
-    a whole chunk, issues its 8 wgmmas and waits for them (writing wgmma inputs while wgmmas run makes ptxas
-    serialise them); 2-3 warpgroups per SM overlap one another's dequantisation with their multiplies.
+  wgmm (wgmma, sm_90a): M >= 64 on Hopper. WGN warpgroups each own 64 channels. Per k128 chunk a warpgroup
+    dequantises its weights (4 registers per k16 step), then issues 8 asynchronous wgmma.m64n<BM>k16 whose B,
+    the X tile, the tensor cores read from shared memory through a matrix descriptor (the canonical K-major
+    layout with the 128-byte swizzle: 16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes
+    apart), and waits for them (writing wgmma inputs while wgmmas run makes ptxas serialise them); 2-3
+    warpgroups per SM overlap one another's dequantisation with their multiplies.
 When (N/BN)*(M/BM) CTAs cannot fill the SMs, K is also split over a thread-block *cluster* of CS = 2..8 CTAs
 whose partial tiles are summed through distributed shared memory (mapa + ld.shared::cluster): one launch, no
 workspace, memset or atomics, deterministic, CUDA-graph safe. CONFIGS / WG_CONFIGS list the tiles; _TUNED holds
@@ -51,7 +51,7 @@ the bf16 weights are 18.9 MB, the 2-bit ones 2.4 MB: 8x fewer bytes. Each token 
 weight bytes, so a 2-bit kernel is compute bound from M ~ 25 (bf16: M ~ 200). At small M the kernel is latency
 bound (launch ~1 us + a DRAM round trip + the per-chunk dependency chain + the epilogue): 1.3-2.1x over cuBLAS
 at M <= 16, not 8x. From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmma reaches
-~810 TFLOP/s in this kernel's main loop when the loads are left out (bench notes in README), and 0.75-0.97x
+~810 TFLOP/s in this kernel's main loop when the loads are left out (README, kernel results), and 0.6-1.0x
 cuBLAS with them: the cp.async loads issued by the same warps, and the CTA barrier per chunk, leave the tensor
 cores idle part of the time. TMA loads (one thread per stage, the hardware swizzling) from a producer warp, with
 mbarriers in place of the barrier, are the next step. Off Hopper, M >= 512 expands the codes to a transient
