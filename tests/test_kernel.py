@@ -67,6 +67,18 @@ def test_older_tile_order_roundtrip():
         assert torch.equal(kernel.unpack_2bit(v1, N, K, perm=kernel._PERM_V1), w)
 
 
+def test_dispatch_names_only_existing_tiles():
+    """Every _TUNED entry names a tile that exists, and off Hopper _pick never returns a wgmma one."""
+    for (K, N), by_m in kernel._TUNED.items():
+        assert all(name in kernel.CONFIGS or name in kernel.WG_CONFIGS for name, _ in by_m.values())
+        for M in (1, 2, 9, 64, 100, 512, 5000, 20000):
+            name, cs = kernel._pick(M, N, K, wgmma=False)
+            assert (name in kernel.CONFIGS or name == "dequant") and cs in (1, 2, 4, 8)
+            assert kernel._pick(M, N, K, wgmma=True)[0] in {**kernel.CONFIGS, **kernel.WG_CONFIGS}
+    for M, N, K in [(1, 17, 100), (70, 333, 1100), (4096, 5000, 640)]:  # untuned shapes: the heuristic
+        assert kernel._pick(M, N, K, wgmma=True)[0] in {**kernel.CONFIGS, **kernel.WG_CONFIGS}
+
+
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError):
         kernel.pack_2bit(torch.full((4, 4), 2, dtype=torch.int8))
