@@ -90,7 +90,7 @@ def bench_kernels(args):
     gen = torch.Generator(device=dev).manual_seed(0)
     Ms = [int(m) for m in args.m.split(",")]
     rows, sweep = [], []
-    wgmma, sms = kernel._has_wgmma(dev.index or 0), torch.cuda.get_device_properties(dev).multi_processor_count
+    sms, wgmma = kernel._gpu(dev.index or 0)
     for model, layer, K, N in SHAPES:
         w = (torch.randint(0, 3, (N, K), device=dev, generator=gen) - 1).to(torch.int8)
         alpha = torch.rand(1, device=dev, generator=gen) + 0.5

@@ -194,9 +194,11 @@ def print_adaln_table(rows):
 # ------------------------------ Evaluation ------------------------------
 
 @torch.no_grad()
-def generate(model, n, cfg_scale, num_steps, method, batch_size, seed, device, compile=False):
+def generate(model, n, cfg_scale, num_steps, method, batch_size, seed, device, compile=None):
     """n samples with balanced labels i % 10, as (n, 1, 32, 32) greyscale in [-1, 1] on the CPU; compile: regional
-    torch.compile first (sample.compile_model)."""
+    torch.compile first (sample.compile_model; None: on with CUDA, off on a CPU)."""
+    if compile is None:
+        compile = torch.device(device).type == "cuda"
     cfg, diff = model.config, Diffusion()
     g = torch.Generator(device).manual_seed(seed)
     y = torch.arange(n, device=device) % cfg.num_classes
@@ -278,9 +280,8 @@ def main():
         print_adaln_table(result["adaln_stats"])
     else:
         t0 = time.time()
-        compile = args.compile if args.compile is not None else torch.device(args.device).type == "cuda"
         x, y = generate(model, args.num_samples, args.cfg_scale, args.num_steps, args.method, args.batch_size,
-                        args.seed, args.device, compile)
+                        args.seed, args.device, args.compile)
         keys = ("num_samples", "cfg_scale", "num_steps", "method", "seed")
         result.update({k: getattr(args, k) for k in keys}, device=str(args.device),
                       sample_seconds=round(time.time() - t0, 1))

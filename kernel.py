@@ -79,7 +79,6 @@ TILE_N, TILE_K = 16, 128
 #   Tn n16-tile, r0 upper/lower 8 rows of the A fragment, g = lane/4 | Ck k128-chunk, w word (= pair of k16
 #   steps), s1 step within the pair, r1 low/high 8 columns of the fragment, t = lane%4, h pair element.
 _PERM = (0, 3, 2, 7, 4, 8, 5, 6, 1)  # -> (Tn, Ck, g, t, w | h, s1, r1, r0): the last 4 dims = 16 codes/word
-_INV = tuple(_PERM.index(i) for i in range(9))
 # Files packed before the wgmma kernel (pack.py converts them on load) permuted k inside each 32-k block as
 # k = (w, t, s1, r1, h), so that the mma.sync kernel could read X with 16-byte loads; wgmma needs k in order.
 _PERM_V1 = (0, 3, 2, 5, 4, 8, 6, 7, 1)
@@ -217,8 +216,9 @@ def _kernel(name, cs, bf16, bias, device):
 
 
 @functools.lru_cache(maxsize=None)
-def _has_wgmma(device):
-    return torch.cuda.get_device_capability(device) == (9, 0)
+def _gpu(device):
+    """(multiprocessor count, has wgmma) of a CUDA device index, read once."""
+    return torch.cuda.get_device_properties(device).multi_processor_count, torch.cuda.get_device_capability(device) == (9, 0)
 
 # -----------------------------------------------------------------------------
 # choosing a config
@@ -258,7 +258,7 @@ def _pick(M, N, K, sms=132, wgmma=False):
         hit = t[min((m for m in t if m >= M), default=max(t))]
         if wgmma or hit[0] in CONFIGS:
             return hit
-    if _use_dequant(M, N, K, wgmma):
+    if not wgmma and _use_dequant(M, N, K):
         return "dequant", 1
     if wgmma and M >= WGMMA_MIN_M:  # wgmma: the largest tile that still gives ~ a CTA per SM
         for name in ("w2x128", "w2x64", "w64"):
@@ -296,13 +296,10 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None):
     if x2.numel() >= 2 ** 35:  # wgmm indexes X in 32-bit units of 16 bytes
         raise ValueError(f"x has {x2.numel()} elements: ternary_matmul takes fewer than 2^35 per call; split the batch")
     bn, bm, nthr, smem = _tile(name)
-    kind = _bias_kind(bias, y.dtype)
-    k = _kernel(name, cs, x2.dtype == torch.bfloat16, kind, x2.device.index)
+    k = _kernel(name, cs, x2.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), x2.device.index)
     nt16 = _padded(N, K)[0] // 16
-    ptrs = (packed, x2, alpha) + ((bias,) if bias is not None else ()) + (y,)
-    args = tuple(cp.uint64(t.data_ptr()) for t in ptrs)
-    args = args[:3] + ((cp.uint64(0),) if bias is None else ()) + args[3:] + tuple(
-        cp.int32(v) for v in (M, N, Kp // 128, nt16))
+    ptrs = (packed.data_ptr(), x2.data_ptr(), alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr())
+    args = tuple(cp.uint64(p) for p in ptrs) + tuple(cp.int32(v) for v in (M, N, Kp // 128, nt16))
     stream = _stream(torch.cuda.current_stream(x2.device).cuda_stream, x2.device.index)
     with cp.cuda.Device(x2.device.index):
         k((-(-nt16 * 16 // bn), -(-M // bm), cs), (nthr,), args, shared_mem=smem, stream=stream)
@@ -317,8 +314,8 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None):
 DEQUANT_MIN_M, DEQUANT_MIN_K = 512, 1152  # from bench.py's H100 table: below either, the fused kernel is faster
 
 
-def _use_dequant(M, N, K, wgmma=False):
-    return not wgmma and M >= DEQUANT_MIN_M and K >= DEQUANT_MIN_K and K % 128 == 0 and N % 16 == 0
+def _use_dequant(M, N, K):
+    return M >= DEQUANT_MIN_M and K >= DEQUANT_MIN_K and K % 128 == 0 and N % 16 == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -356,8 +353,8 @@ def _warn_once(msg):
 def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None):
     """Y = alpha * (x @ W~^T) + bias for x (..., K) -> (..., N) in x.dtype. Fused kernel on CUDA bf16/fp16 +
     cupy (wgmma on Hopper from M = 64), else the reference. Off Hopper, from M = 512 (K >= 1152, K % 128 == 0,
-    N % 16 == 0): a transient 16-bit copy + cuBLAS, as on Hopper where _TUNED says ("dequant", 1).
-    config=(name, cluster_size) overrides the choice (benchmarks/tests only)."""
+    N % 16 == 0): a transient 16-bit copy + cuBLAS. config=(name, cluster_size), name a tile or "dequant",
+    overrides the choice (benchmarks/tests only)."""
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features, expected K={K}")
     if bias is not None and bias.shape != (N,):
@@ -390,7 +387,7 @@ def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None):
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)
     M = x2.shape[0]
-    wgmma, sms = _has_wgmma(x.device.index), torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms, wgmma = _gpu(x.device.index)
     name, cs = config or _pick(M, N, K, sms, wgmma)
     if name == "dequant":
         if K % 128 or N % 16:

@@ -348,11 +348,6 @@ REFERENCE_WEIGHTS = "consolidated_ema_ternary.00-of-01.pth"
 REFERENCE_LABELS = torch.argsort(torch.tensor(sorted(range(1000), key=str))).tolist()  # inverse of the string order
 
 
-def reference_label(c):
-    """The reference's label of ImageNet class c."""
-    return REFERENCE_LABELS[c]
-
-
 def unpack_hqq_2bit(w):
     """hqq's 2-bit layout, uint8 (out/4, in) -> int8 trits (out, in): codes = trit + 1, and byte row i holds rows
     i, i + out/4, i + 2·out/4, i + 3·out/4 in bits 7-6, 5-4, 3-2, 1-0."""
@@ -362,7 +357,7 @@ def unpack_hqq_2bit(w):
 def read_reference(folder):
     """(config, state dict of a TerDiT) from an official checkpoint folder. Each ternary layer's latent weight
     becomes its trits: ternarize(W̃) = W̃ (γ = mean|W̃| <= 1), so the QAT forward computes the reference's α·W̃.
-    The label table's rows are permuted so that our label c is ImageNet class c (reference_label)."""
+    The label table's rows are permuted so that our label c is ImageNet class c (REFERENCE_LABELS)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # the one class its pickle may build
             train_args = vars(torch.load(os.path.join(folder, "model_args.pth"), weights_only=True))

@@ -347,9 +347,8 @@ def main():
                   mean_rho=(sum(sum(r) / len(r) for r in rho.values()) / len(rho)) if rho else None)
 
     t0 = time.time()
-    compile = args.compile if args.compile is not None else torch.device(args.device).type == "cuda"
     x, y = evaluate.generate(model, args.num_samples, args.cfg_scale, args.num_steps, args.sampler, args.batch_size,
-                             args.seed, args.device, compile)
+                             args.seed, args.device, args.compile)
     result.update(num_samples=args.num_samples, cfg_scale=args.cfg_scale, num_steps=args.num_steps,
                   sampler=args.sampler, seed=args.seed, device=str(args.device),
                   sample_seconds=round(time.time() - t0, 1))

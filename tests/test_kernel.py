@@ -157,7 +157,7 @@ def gpu_cases():
 
 
 def all_configs():
-    wg = torch.cuda.is_available() and kernel._has_wgmma(torch.cuda.current_device())
+    wg = torch.cuda.is_available() and kernel._gpu(torch.cuda.current_device())[1]
     return list(kernel.CONFIGS) + (list(kernel.WG_CONFIGS) if wg else [])
 
 

@@ -348,9 +348,9 @@ def _reference_forward(w, x, t, label, n_heads=2, depth=2):
 
 def test_reference_labels_sort_as_strings():
     names = sorted(str(i) for i in range(1000))  # the reference's ImageFolder: folder "k" is ImageNet class k
-    assert [pack.reference_label(c) for c in (0, 1, 10, 89, 100, 999)] == [names.index(s) for s in
-                                                                           ("0", "1", "10", "89", "100", "999")]
-    assert pack.reference_label(89) == 878 and pack.reference_label(2) == 112
+    assert [pack.REFERENCE_LABELS[c] for c in (0, 1, 10, 89, 100, 999)] == [names.index(s) for s in
+                                                                            ("0", "1", "10", "89", "100", "999")]
+    assert pack.REFERENCE_LABELS[89] == 878 and pack.REFERENCE_LABELS[2] == 112
 
 
 def test_official_checkpoint_imports_exactly(tmp_path, monkeypatch):
