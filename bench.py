@@ -84,8 +84,16 @@ def candidates(M, N, K, wgmma):
     return [(n, cs) for n in names for cs in splits if cs <= math.ceil(K / 128)] + dequant
 
 
+def candidates8(M, K):
+    """wgmm8 tiles x cluster splits for --sweep --act fp8."""
+    splits = [1, 2] if M > 512 else [1, 2, 4]
+    return [(n, cs) for n in kernel.WG8_CONFIGS for cs in splits if cs <= math.ceil(K / 128)
+            and kernel.WG8_CONFIGS[n][1] <= max(64, 2 * M)]
+
+
 def bench_kernels(args):
     dev = torch.device("cuda")
+    fp8 = args.act == "fp8"  # the ternary x fp8 path: quant8 + wgmm8 timed together (and quant8 alone)
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device=dev).manual_seed(0)
     Ms = [int(m) for m in args.m.split(",")]
@@ -101,17 +109,18 @@ def bench_kernels(args):
         Wb = [wb.clone() for _ in range(max(2, math.ceil(args.cold_mb * 1e6 / (2 * wb.numel()))))]
         for M in Ms:
             x = torch.randn(M, K, device=dev, generator=gen).bfloat16()
-            ref = F.linear(x.float(), wb.float())
+            # fp8: against the same e4m3 codes summed in float32 (the quantisation's own error is evaluate.py's)
+            ref = kernel.ternary_matmul_ref(x.float(), packed, alpha, N, K, fp8=True) if fp8 else F.linear(x.float(), wb.float())
             flops, nbytes = 2 * M * K * N, packed.numel() + 2 * M * K + 2 * M * N
             est = max(2.0, flops / 300e12 * 1e6, nbytes / 2e12 * 1e6)  # rough us per call, to size the graph
             n = int(min(200, max(10, args.graph_us / est)))
-            if args.sweep and M != 2:  # time every candidate config; the fastest goes into kernel._TUNED
+            if args.sweep and M != 2:  # time every candidate config; the fastest goes into kernel._TUNED(8)
                 best = None
-                for name, cs in candidates(M, N, K, wgmma):
-                    yc = kernel.ternary_matmul(x, packed, alpha, N, K, config=(name, cs))
+                for name, cs in candidates8(M, K) if fp8 else candidates(M, N, K, wgmma):
+                    yc = kernel.ternary_matmul(x, packed, alpha, N, K, config=(name, cs), fp8=fp8)
                     e = ((yc.float() - ref).norm() / ref.norm()).item()
-                    t = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K,
-                                                                   config=(name, cs)), n, max(5, args.reps // 2))
+                    t = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, config=(name, cs),
+                                                                   fp8=fp8), n, max(5, args.reps // 2))
                     sweep.append(dict(K=K, N=N, M=M, config=f"{name}/cs{cs}", us=t, rel_err=e))
                     print(f"    sweep {name:5s} cs{cs}: {t:8.2f} us  err {e:.1e}", flush=True)
                     if e >= 1e-2:
@@ -119,15 +128,19 @@ def bench_kernels(args):
                     elif best is None or t < best[0]:
                         best = (t, (name, cs))
                 if best:
-                    kernel._TUNED.setdefault((K, N), {})[M] = best[1]
-            y = kernel.ternary_matmul(x, packed, alpha, N, K)
+                    (kernel._TUNED8 if fp8 else kernel._TUNED).setdefault((K, N), {})[M] = best[1]
+            y = kernel.ternary_matmul(x, packed, alpha, N, K, fp8=fp8)
             err = ((y.float() - ref).norm() / ref.norm()).item()
-            tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K), n, args.reps)
-            chosen = kernel._pick(M, N, K, sms, wgmma)  # what the dispatch chooses
+            tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, fp8=fp8), n, args.reps)
+            chosen = kernel._pick8(M, N, K, sms) if fp8 else kernel._pick(M, N, K, sms, wgmma)  # the dispatch's choice
             tc = time_graph(lambda i: F.linear(x, Wb[i % len(Wb)]), n, args.reps)
             r = dict(model=model, layer=layer, K=K, N=N, M=M, kernel_us=tk, cublas_us=tc, speedup=tc / tk,
                      TBps=nbytes / tk / 1e6, TFLOPs=flops / tk / 1e6, cublas_TFLOPs=flops / tc / 1e6,
                      rel_err=err, config="dequant+cuBLAS" if chosen[0] == "dequant" else "%s/cs%d" % chosen)
+            if fp8:  # the share of quant8 in that time
+                Mp = -(-M // kernel.FP8_ROWS) * kernel.FP8_ROWS
+                r["quant_us"] = time_graph(lambda i: kernel.quantize_fp8(x, Mp), n, args.reps)
+                r["config"] += f" (quant8 {r['quant_us']:.1f} us)"
             rows.append(r)
             print("| %-6s %-8s | %5d x %5d | %5d | %8.2f | %8.2f | %5.2fx | %5.2f | %6.1f | %s | err %.1e" % (
                 model, layer, K, N, M, tk, tc, tc / tk, r["TBps"], r["TFLOPs"], r["config"], err), flush=True)
@@ -467,6 +480,8 @@ def main():
     p.add_argument("--graph-us", type=float, default=1500.0, help="approximate GPU time of one graph replay")
     p.add_argument("--cold-mb", type=float, default=120.0, help="MB of distinct weights rotated per shape")
     p.add_argument("--sweep", action="store_true", help="also time every candidate tile config")
+    p.add_argument("--act", default="bf16", choices=["bf16", "fp8"],
+                   help="activations of the ternary matmuls: bf16, or fp8 (e4m3 per token, Hopper)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py times GPU kernels and needs CUDA (and cupy for the fused kernel)")
@@ -475,10 +490,12 @@ def main():
     md, results = f"# Benchmarks on {gpu}\n\n", {"device": gpu}
     if args.what in ("kernels", "all"):
         rows, sweep = bench_kernels(args)
-        md += markdown(rows, "Ternary kernel vs cuBLAS bf16 F.linear (cold weights, CUDA graphs)")
-        results.update(kernels=rows, sweep=sweep, tuned={f"{k[0]}x{k[1]}": v for k, v in kernel._TUNED.items()})
+        acts = "fp8 activations (quant8 + wgmm8)" if args.act == "fp8" else "bf16 activations"
+        md += markdown(rows, f"Ternary kernel, {acts}, vs cuBLAS bf16 F.linear (cold weights, CUDA graphs)")
+        tuned = kernel._TUNED8 if args.act == "fp8" else kernel._TUNED
+        results.update(kernels=rows, sweep=sweep, tuned={f"{k[0]}x{k[1]}": v for k, v in tuned.items()})
         if args.sweep:
-            print("_TUNED =", kernel._TUNED)
+            print("_TUNED8 =" if args.act == "fp8" else "_TUNED =", tuned)
     if args.what in ("model", "all"):
         rows, table = bench_model(args)
         md += "\n" + table

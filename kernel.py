@@ -121,11 +121,53 @@ def unpack_2bit(packed: torch.Tensor, N: int, K: int, perm=_PERM) -> torch.Tenso
     return q[:N, :K].to(torch.int8) - 1
 
 
-def ternary_matmul_ref(x, packed, alpha, N, K, bias=None):
-    """Plain-PyTorch reference: unpack, cast, F.linear(x, alpha * W, bias)."""
-    w = unpack_2bit(packed.to(x.device), N, K).to(x.dtype)
-    y = F.linear(x, alpha.to(device=x.device, dtype=x.dtype) * w)
-    return y if bias is None else y + bias.to(y.dtype)
+def ternary_matmul_ref(x, packed, alpha, N, K, bias=None, fp8=False):
+    """Plain-PyTorch reference: unpack, cast, F.linear(x, alpha * W, bias). fp8: x quantised per token to e4m3
+    first (fp8_codes), the products summed in float32 and scaled by alpha * the token's scale, as wgmm8 does."""
+    w = unpack_2bit(packed.to(x.device), N, K)
+    if not fp8:
+        y = F.linear(x, alpha.to(device=x.device, dtype=x.dtype) * w.to(x.dtype))
+        return y if bias is None else y + bias.to(y.dtype)
+    q, s = fp8_codes(x.reshape(-1, K))
+    y = F.linear(q.float(), w.float()) * (alpha.to(x.device).float() * s[:, None])
+    y = y if bias is None else y + bias.to(x.device).float()
+    return y.to(x.dtype).view(*x.shape[:-1], N)
+
+# -----------------------------------------------------------------------------
+# fp8 activations (W1.58A8): each token's row of X becomes e4m3 codes and one float32 scale, s = amax / 448
+# (e4m3's largest finite value), so X ~ s * q; -1, 0, 1 are exact in e4m3, so the tensor cores multiply codes
+# by trits in fp8 at twice the bf16 rate, and the epilogue applies alpha * s. X's image for wgmm8 is chunk-
+# major with k permuted as dequant8 orders the weights' bytes (kernel.cu) and the rows' 16-byte pieces swizzled,
+# so that a tile of it is one contiguous block: one bulk copy per pipeline stage.
+
+FP8_MAX = 448.0
+FP8_ROWS = 256  # the image's token count is padded (zero rows) to a multiple of the tallest wgmm8 tile
+
+
+def fp8_codes(x2):
+    """Per-token e4m3 quantisation of x2 (M, K): codes (M, K) float8_e4m3fn and scales (M,) float32."""
+    amax = x2.abs().amax(dim=-1).float()
+    top = torch.full_like(amax, FP8_MAX)  # tensor / tensor: one rounding, as quant8 (a Python scalar takes two)
+    inv = torch.where(amax > 0, top / amax, torch.zeros_like(amax))
+    return (x2.float() * inv[:, None]).to(torch.float8_e4m3fn), amax / top
+
+
+def fp8_image(q, Mp):
+    """Codes q (M, Kp) as wgmm8 reads them: uint8 (Kp/128, Mp, 128); rows >= M zero; in each 16 k, k = 8 r1 +
+    2 t + h sits at byte 4 t + 2 h + r1; the 16-byte piece p of row m at p ^ m % 8."""
+    M, Kp = q.shape
+    b = torch.zeros(Mp, Kp, dtype=torch.uint8, device=q.device)
+    b[:M] = q.view(torch.uint8)
+    b = b.view(Mp, Kp // 16, 2, 4, 2).permute(0, 1, 3, 4, 2).reshape(Mp, Kp // 128, 8, 16)
+    swz = torch.arange(8, device=q.device) ^ (torch.arange(Mp, device=q.device) % 8)[:, None]  # (Mp, 8), an involution
+    b = b.gather(2, swz[:, None, :, None].expand_as(b))
+    return b.permute(1, 0, 2, 3).reshape(Kp // 128, Mp, 128)
+
+
+def quantize_fp8_ref(x2, Mp):
+    """Reference of the quant8 kernel: (image, scales padded to Mp with zeros) for x2 (M, Kp), Kp % 128 == 0."""
+    q, s = fp8_codes(x2)
+    return fp8_image(q, Mp), F.pad(s, (0, Mp - s.shape[0]))
 
 # -----------------------------------------------------------------------------
 # compiling kernel.cu (NVRTC through cupy, once per configuration; the configuration arrives as #defines)
@@ -145,14 +187,20 @@ CONFIGS = {
 # MINB CTAs per SM: a warpgroup waits for its own wgmmas, so the SM needs several warpgroups to keep the tensor
 # cores busy. The survivors of a wider sweep on an H200 (BM = 192, 256; 4 warpgroups; deeper rings won nowhere).
 WG_CONFIGS = {"w64": (1, 64, 4, 3), "w2x64": (2, 64, 4, 2), "w2x128": (2, 128, 3, 2)}
+# ternary x fp8 wgmma tiles (wgmm8), same fields. Wide tiles (BN = 256) matter more than for bf16: each X byte
+# feeds BN channels, and at fp8 rates a BN = 128 tile needs more bytes per second than the L2 gives
+WG8_CONFIGS = {"f64": (1, 64, 6, 3), "f2x128": (2, 128, 4, 2), "f4x64": (4, 64, 6, 1), "f4x128": (4, 128, 4, 1),
+               "f2x256": (2, 256, 4, 1)}
 
 
 def _tile(name):
     """(BN, BM, threads, dynamic shared memory bytes) of a config."""
-    if name in WG_CONFIGS:
-        wgn, bm, st, _ = WG_CONFIGS[name]
-        bn = 64 * wgn
-        return bn, bm, 128 * wgn, max(st * (bm * 256 + wgn * 2048), bm * (bn + 4) * 4) + 1024  # +1024: alignment
+    if name in WG_CONFIGS or name in WG8_CONFIGS:
+        fp8 = name in WG8_CONFIGS
+        wgn, bm, st, _ = (WG8_CONFIGS if fp8 else WG_CONFIGS)[name]
+        bn, xrow = 64 * wgn, 128 if fp8 else 256  # bytes of a token's k128 chunk
+        smem = max(st * (bm * xrow + wgn * 2048), bm * (bn + 4) * 4) + 1024  # +1024: alignment
+        return bn, bm, 128 * wgn, smem
     wnt, wmt, wn, wm, wk, st, _ = CONFIGS[name]
     bn, bm, nthr = 16 * wnt * wn, 8 * wmt * wm, 32 * wn * wm * wk
     return bn, bm, nthr, max(st * wk * (bn * 32 + bm * 256), wk * bm * (bn + 4) * 4)
@@ -167,35 +215,39 @@ def _magic_consts(bf16):
 
 
 def _wgmma_source(bm, dt):
-    """The wgmma_mma device function for tile width bm: one asm statement with bm/2 accumulator operands."""
+    """The wgmma_mma device function for tile width bm and input type dt (bf16, f16: k16; e4m3: k32, which
+    takes no transpose flag): one asm statement with bm/2 accumulator operands."""
     n = bm // 2
     d = ", ".join(f"%{i}" for i in range(n))
     a = ", ".join(f"%{n + i}" for i in range(4))
     ops = ", ".join(f'"+f"(d[{i}])' for i in range(n))
+    shape, flags = ("k32", "1, 1") if dt == "e4m3" else ("k16", "1, 1, 0")
     return (f"__device__ __forceinline__ void wgmma_mma(float* d, const u32* a, u64 desc) {{\n"
             f'  asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{n + 5}, 0;\\n"\n'
-            f'    "wgmma.mma_async.sync.aligned.m64n{bm}k16.f32.{dt}.{dt} {{{d}}}, {{{a}}}, %{n + 4}, p, 1, 1, 0; }}"\n'
+            f'    "wgmma.mma_async.sync.aligned.m64n{bm}{shape}.f32.{dt}.{dt} {{{d}}}, {{{a}}}, %{n + 4}, p, {flags}; }}"\n'
             f'    : {ops}\n'
             f'    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));\n}}\n')
 
 
 def _source(kind, name=None, cs=1, bf16=True, bias=0):
-    """kernel.cu with the #defines of one configuration in front. kind: TMM, WGMM or DEQUANT;
+    """kernel.cu with the #defines of one configuration in front. kind: TMM, WGMM, WGMM8, QUANT8 or DEQUANT;
     bias: 0 none, 1 in the output dtype, 2 float32."""
     d = {kind: 1}
-    if kind != "DEQUANT":
+    if kind == "QUANT8":
+        d.update(IS_BF16=int(bf16))
+    elif kind != "DEQUANT":
         per, magic, sc, bi = _magic_consts(bf16)
         d.update(CS=cs, PER=per, MAGIC=f"{magic:#x}u", SCALES=",".join(f"{v:#x}u" for v in sc),
                  BIASES=",".join(f"{v:#x}u" for v in bi), DT='"bf16"' if bf16 else '"f16"', IS_BF16=int(bf16),
                  BIAS=bias, CLUSTER=f"__cluster_dims__(1, 1, {cs})" if cs > 1 else "")
     if kind == "TMM":
         d.update(zip(("WNT", "WMT", "WN", "WM", "WK", "ST", "NACC"), CONFIGS[name]))
-    if kind == "WGMM":
-        d.update(zip(("WGN", "BM", "ST", "MINB"), WG_CONFIGS[name]))
+    if kind in ("WGMM", "WGMM8"):
+        d.update(zip(("WGN", "BM", "ST", "MINB"), (WG_CONFIGS if kind == "WGMM" else WG8_CONFIGS)[name]))
     with open(_CU) as f:
         src = f.read()
-    if kind == "WGMM":
-        src = src.replace("WGMMA_FN\n", _wgmma_source(WG_CONFIGS[name][1], "bf16" if bf16 else "f16"))
+    if kind in ("WGMM", "WGMM8"):
+        src = src.replace("WGMMA_FN\n", _wgmma_source(d["BM"], "e4m3" if kind == "WGMM8" else d["DT"].strip('"')))
     return "".join(f"#define {k} {v}\n" for k, v in d.items()) + src
 
 
@@ -204,14 +256,16 @@ def _kernel(name, cs, bf16, bias, device):
     """Compile (NVRTC) and cache one config; must first run outside CUDA-graph capture."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("kernel.py: call ternary_matmul once eagerly (to compile) before graph capture")
-    wg = name in WG_CONFIGS
-    options = ("-std=c++17", "-arch=sm_90a") if wg else ("-std=c++17",)  # wgmma exists only on sm_90a
+    kind, fn = ("WGMM", "wgmm") if name in WG_CONFIGS else ("WGMM8", "wgmm8") if name in WG8_CONFIGS else ("TMM", "tmm")
+    options = ("-std=c++17", "-arch=sm_90a") if kind != "TMM" else ("-std=c++17",)  # wgmma exists only on sm_90a
     with cp.cuda.Device(device):
-        k = cp.RawModule(code=_source("WGMM" if wg else "TMM", name, cs, bf16, bias),
-                         options=options).get_function("wgmm" if wg else "tmm")
-        smem = _tile(name)[3]
+        k = cp.RawModule(code=_source(kind, name, cs, bf16, bias), options=options).get_function(fn)
+        nthr, smem = _tile(name)[2:]
         if smem > 48 * 1024:
             k.max_dynamic_shared_size_bytes = smem
+    if k.max_threads_per_block < nthr:
+        raise RuntimeError(f"kernel.py: config {name} compiled to {k.num_regs} registers per thread, too many for "
+                           f"{nthr} threads per CTA on this GPU")
     return k
 
 
@@ -248,6 +302,22 @@ def _split(M, N, K, name, sms, small=False):
     while cs < 8 and 2 * cs <= kc and tiles * cs < sms and not small:
         cs *= 2
     return cs
+
+
+_TUNED8 = {}  # as _TUNED, for fp8 activations (wgmm8 tiles)
+
+
+def _pick8(M, N, K, sms=132):
+    """(wgmm8 config, cluster split) for fp8 activations: the tuned table, else the largest tile that still
+    gives about a CTA per SM."""
+    t = _TUNED8.get((K, N))
+    if t:
+        return t[min((m for m in t if m >= M), default=max(t))]
+    for name in ("f2x256", "f2x128", "f64"):
+        bn, bm = _tile(name)[:2]
+        if -(-N // bn) * -(-M // bm) >= sms:
+            break
+    return name, _split(M, N, K, name, sms)
 
 
 def _pick(M, N, K, sms=132, wgmma=False):
@@ -289,20 +359,35 @@ def _bias_kind(bias, dtype):
     return 0 if bias is None else 1 if bias.dtype == dtype else 2
 
 
-def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None):
-    """Launch one config on torch's current stream. x2 (M, Kp) contiguous, y (M, N) output, bias (N,) in y's
-    dtype or float32, contiguous, or None."""
-    M, Kp = x2.shape
+def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
+    """Launch one config on torch's current stream. x2 (M, Kp) contiguous (for a wgmm8 tile: the fp8 image
+    (Kp/128, Mp, 128) and its scales (Mp,)), y (M, N) output, bias (N,) in y's dtype or float32, contiguous, or None."""
+    M, Kp = y.shape[0], _padded(N, K)[1]
     if x2.numel() >= 2 ** 35:  # wgmm indexes X in 32-bit units of 16 bytes
         raise ValueError(f"x has {x2.numel()} elements: ternary_matmul takes fewer than 2^35 per call; split the batch")
     bn, bm, nthr, smem = _tile(name)
-    k = _kernel(name, cs, x2.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), x2.device.index)
+    k = _kernel(name, cs, y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), y.device.index)
     nt16 = _padded(N, K)[0] // 16
-    ptrs = (packed.data_ptr(), x2.data_ptr(), alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr())
-    args = tuple(cp.uint64(p) for p in ptrs) + tuple(cp.int32(v) for v in (M, N, Kp // 128, nt16))
+    ptrs = (packed.data_ptr(), x2.data_ptr()) + (() if scales is None else (scales.data_ptr(),)) + (
+        alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr())
+    ints = (M, N, Kp // 128, nt16) if scales is None else (M, x2.shape[1], N, Kp // 128, nt16)
+    args = tuple(cp.uint64(p) for p in ptrs) + tuple(cp.int32(v) for v in ints)
+    stream = _stream(torch.cuda.current_stream(y.device).cuda_stream, y.device.index)
+    with cp.cuda.Device(y.device.index):
+        k((-(-nt16 * 16 // bn), -(-M // bm), cs), (nthr,), args, shared_mem=smem, stream=stream)
+
+
+def quantize_fp8(x2, Mp):
+    """quantize_fp8_ref on the GPU (the quant8 kernel): x2 (M, Kp) 16-bit contiguous on CUDA."""
+    M, Kp = x2.shape
+    q = torch.empty(Kp // 128, Mp, 128, dtype=torch.uint8, device=x2.device)
+    s = torch.empty(Mp, dtype=torch.float32, device=x2.device)
     stream = _stream(torch.cuda.current_stream(x2.device).cuda_stream, x2.device.index)
     with cp.cuda.Device(x2.device.index):
-        k((-(-nt16 * 16 // bn), -(-M // bm), cs), (nthr,), args, shared_mem=smem, stream=stream)
+        _aux_kernel("QUANT8", x2.dtype == torch.bfloat16, x2.device.index)((Mp,), (128,), (
+            cp.uint64(x2.data_ptr()), cp.uint64(q.data_ptr()), cp.uint64(s.data_ptr()), cp.int32(M), cp.int32(Mp),
+            cp.int32(Kp // 128)), stream=stream)
+    return q, s
 
 
 # -----------------------------------------------------------------------------
@@ -319,11 +404,12 @@ def _use_dequant(M, N, K):
 
 
 @functools.lru_cache(maxsize=None)
-def _dequant_kernel(device):
+def _aux_kernel(kind, bf16, device):
+    """The DEQUANT (expand codes) or QUANT8 (fp8 activations) kernel, compiled and cached like _kernel."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("kernel.py: call ternary_matmul once eagerly (to compile) before graph capture")
     with cp.cuda.Device(device):
-        return cp.RawModule(code=_source("DEQUANT")).get_function("dequant")
+        return cp.RawModule(code=_source(kind, bf16=bf16), options=("-std=c++17",)).get_function(kind.lower())
 
 
 def _dequant_matmul(x2, packed, alpha, N, K, bias=None):
@@ -333,7 +419,7 @@ def _dequant_matmul(x2, packed, alpha, N, K, bias=None):
     one = 0x3F80 if x2.dtype == torch.bfloat16 else 0x3C00
     stream = _stream(torch.cuda.current_stream(x2.device).cuda_stream, x2.device.index)
     with cp.cuda.Device(x2.device.index):
-        _dequant_kernel(x2.device.index)((-(-words // 256),), (256,), (
+        _aux_kernel("DEQUANT", True, x2.device.index)((-(-words // 256),), (256,), (
             cp.uint64(packed.data_ptr()), cp.uint64(w.data_ptr()), cp.int32(K), cp.int32(words), cp.uint32(one)),
             stream=stream)
     y = F.linear(x2, w)
@@ -350,23 +436,27 @@ def _warn_once(msg):
         print(f"WARNING: {msg}")
 
 
-def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None):
+def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None, fp8=False):
     """Y = alpha * (x @ W~^T) + bias for x (..., K) -> (..., N) in x.dtype. Fused kernel on CUDA bf16/fp16 +
     cupy (wgmma on Hopper from M = 64), else the reference. Off Hopper, from M = 512 (K >= 1152, K % 128 == 0,
-    N % 16 == 0): a transient 16-bit copy + cuBLAS. config=(name, cluster_size), name a tile or "dequant",
+    N % 16 == 0): a transient 16-bit copy + cuBLAS. fp8: activations quantised per token to e4m3 (quant8, then
+    wgmm8; Hopper only, the reference elsewhere). config=(name, cluster_size), name a tile or "dequant",
     overrides the choice (benchmarks/tests only)."""
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features, expected K={K}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},)")
     if not x.is_cuda:
-        return ternary_matmul_ref(x, packed, alpha, N, K, bias)
+        return ternary_matmul_ref(x, packed, alpha, N, K, bias, fp8)
     if x.dtype not in (torch.bfloat16, torch.float16):
         _warn_once(f"kernel.py: no fused kernel for {x.dtype}, using the slow reference ternary matmul")
-        return ternary_matmul_ref(x, packed, alpha, N, K, bias)
+        return ternary_matmul_ref(x, packed, alpha, N, K, bias, fp8)
     if cp is None:
         _warn_once("kernel.py: cupy not found, using the slow reference ternary matmul")
-        return ternary_matmul_ref(x, packed, alpha, N, K, bias)
+        return ternary_matmul_ref(x, packed, alpha, N, K, bias, fp8)
+    if fp8 and not _gpu(x.device.index)[1]:
+        _warn_once("kernel.py: fp8 activations need a Hopper GPU (wgmma); using the slow reference ternary matmul")
+        return ternary_matmul_ref(x, packed, alpha, N, K, bias, fp8)
     Np, Kp = _padded(N, K)
     if packed.dtype != torch.uint8 or packed.numel() != Np * Kp // 4 or packed.device != x.device:
         raise ValueError(f"packed must be a uint8 tensor from pack_2bit((N={N}, K={K})) on {x.device}")
@@ -388,6 +478,15 @@ def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None):
         x2 = x2.clone(memory_format=torch.contiguous_format)
     M = x2.shape[0]
     sms, wgmma = _gpu(x.device.index)
+    if fp8:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        if M > 0:
+            xq, scales = quantize_fp8(x2, -(-M // FP8_ROWS) * FP8_ROWS)
+            name, cs = config or _pick8(M, N, K, sms)
+            if name not in WG8_CONFIGS:
+                raise ValueError(f"fp8 activations take a wgmm8 tile ({', '.join(WG8_CONFIGS)}), got {name}")
+            _launch(xq, packed, alpha, y, N, K, name, cs, bias, scales)
+        return y.view(*lead, N)
     name, cs = config or _pick(M, N, K, sms, wgmma)
     if name == "dequant":
         if K % 128 or N % 16:
@@ -408,14 +507,14 @@ def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None):
 
 @torch.library.custom_op("terdit::ternary_matmul", mutates_args=())
 def ternary_matmul_op(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, N: int, K: int,
-                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """ternary_matmul(x, packed, alpha, N, K, bias) with the automatic choice of path (no config: ops take
-    tensors and ints)."""
-    return ternary_matmul(x, packed, alpha, N, K, bias)
+                      bias: Optional[torch.Tensor] = None, fp8: bool = False) -> torch.Tensor:
+    """ternary_matmul(x, packed, alpha, N, K, bias, fp8=fp8) with the automatic choice of path (no config: ops
+    take tensors, ints and bools)."""
+    return ternary_matmul(x, packed, alpha, N, K, bias, fp8=fp8)
 
 
 @ternary_matmul_op.register_fake
-def _(x, packed, alpha, N, K, bias=None):
+def _(x, packed, alpha, N, K, bias=None, fp8=False):
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features, expected K={K}")
     return x.new_empty(*x.shape[:-1], N)

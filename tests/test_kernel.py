@@ -133,6 +133,43 @@ def test_custom_op_opcheck():
         torch.library.opcheck(kernel.ternary_matmul_op, (x, kernel.pack_2bit(w), torch.tensor([0.3]), N, K,
                                                          torch.randn(N, generator=gen)))
 
+
+def test_fp8_codes_and_reference():
+    """Per-token e4m3: x ~ s * q within e4m3's 3 mantissa bits; zero rows stay zero; on a CPU the fp8 matmul is
+    the reference, close to the unquantised result."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 300, generator=gen) * torch.logspace(-3, 3, 6)[:, None]
+    x[2] = 0
+    q, s = kernel.fp8_codes(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (6,)
+    back = q.float() * s[:, None]
+    assert torch.equal(back[2], torch.zeros(300)) and s[2] == 0
+    assert ((back - x).abs() <= x.abs() / 16 + s[:, None] * 2 ** -9).all()   # half an ulp of 3 bits, or subnormal
+    assert torch.equal(q.float().abs().amax(-1)[[0, 1, 3, 4, 5]], torch.full((5,), 448.0))
+    N, K = 50, 300
+    w, alpha, b = rand_trits(N, K, gen), torch.rand(1, generator=gen) + 0.5, torch.randn(N, generator=gen)
+    packed = kernel.pack_2bit(w)
+    y = kernel.ternary_matmul_op(x, packed, alpha, N, K, b, True)
+    assert torch.equal(y, kernel.ternary_matmul_ref(x, packed, alpha, N, K, b, fp8=True))
+    want = kernel.ternary_matmul_ref(x, packed, alpha, N, K, b)
+    assert ((y - want).norm(dim=-1) <= 0.05 * want.norm(dim=-1)).all()
+
+
+def test_fp8_image_layout():
+    """fp8_image puts code (m, k) where kernel.cu's dequant8 expects it: chunk k // 128, row m, 16-byte piece
+    p = k % 128 // 16 at p ^ m % 8, and within the piece k = 8 r1 + 2 t + h at byte 4 t + 2 h + r1."""
+    gen = torch.Generator().manual_seed(12)
+    M, Kp, Mp = 11, 256, 16
+    q = (torch.randn(M, Kp, generator=gen) * 50).to(torch.float8_e4m3fn)
+    img = kernel.fp8_image(q, Mp)
+    assert img.shape == (Kp // 128, Mp, 128) and img.dtype == torch.uint8
+    assert torch.equal(img[:, M:], torch.zeros_like(img[:, M:]))
+    codes = q.view(torch.uint8)
+    for m in range(M):
+        for k in range(Kp):
+            c, p, r1, t, h = k // 128, k % 128 // 16, k % 16 // 8, k % 8 // 2, k % 2
+            assert img[c, m, 16 * (p ^ m % 8) + 4 * t + 2 * h + r1] == codes[m, k]
+
 # -----------------------------------------------------------------------------
 # GPU
 
@@ -219,6 +256,55 @@ def test_every_config_poisoned():
                 check(y, ref)
 
 
+def fp8_reference(x, packed, alpha, N, K, bias=None):
+    """ternary_matmul_ref(fp8=True) in float32 on the GPU: the same codes, the products summed exactly."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return kernel.ternary_matmul_ref(x.float(), packed, alpha, N, K, None if bias is None else bias.float(), fp8=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quant8_matches_reference(dtype):
+    """The quant8 kernel writes the reference's bytes and scales (rows past M: zeros)."""
+    if not kernel._gpu(torch.cuda.current_device())[1]:
+        pytest.skip("fp8 activations run on Hopper")
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    for M, Kp in [(1, 128), (7, 1152), (300, 3072), (513, 8192)]:
+        x = (torch.randn(M, Kp, device="cuda", generator=gen) * torch.rand(M, 1, device="cuda", generator=gen) * 10).to(dtype)
+        x[M // 2] = 0
+        Mp = -(-M // kernel.FP8_ROWS) * kernel.FP8_ROWS
+        q, s = kernel.quantize_fp8(x, Mp)
+        q_ref, s_ref = kernel.quantize_fp8_ref(x, Mp)
+        assert torch.equal(s, s_ref)
+        assert torch.equal(q, q_ref)
+
+
+@gpu
+def test_fp8_every_config_poisoned():
+    """Each wgmm8 tile x cluster split into a NaN-filled output, with and without bias, against the fp8
+    reference (the same e4m3 codes), and the automatic choice through ternary_matmul; awkward M, K, N included."""
+    if not kernel._gpu(torch.cuda.current_device())[1]:
+        pytest.skip("fp8 activations run on Hopper")
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    for (M, K, N) in [(37, 1000, 200), (300, 1152, 1152), (257, 1100, 333), (1, 3072, 3072), (600, 3072, 8192)]:
+        w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
+        x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
+        alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
+        bias = torch.randn(N, device="cuda", generator=gen).bfloat16()
+        packed = kernel.pack_2bit(w)
+        ref, ref_b = fp8_reference(x, packed, alpha, N, K), fp8_reference(x, packed, alpha, N, K, bias)
+        check(kernel.ternary_matmul(x, packed, alpha, N, K, fp8=True), ref, tol=1e-2)
+        check(kernel.ternary_matmul(x, packed, alpha, N, K, fp8=True), reference(x, w, alpha), tol=0.05)  # vs bf16
+        xq, scales = kernel.quantize_fp8(torch.nn.functional.pad(x, (0, kernel._padded(N, K)[1] - K)),
+                                         -(-M // kernel.FP8_ROWS) * kernel.FP8_ROWS)
+        for name in kernel.WG8_CONFIGS:
+            for cs in (1, 2, 4):
+                for b, want in ((None, ref), (bias, ref_b)):
+                    y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+                    kernel._launch(xq, packed, alpha, y, N, K, name, cs, b, scales)
+                    check(y, want, tol=1e-2)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_bias_in_the_epilogue(dtype):
@@ -256,26 +342,27 @@ def test_leading_dims_noncontiguous_and_fallbacks():
 @gpu
 def test_cuda_graph_capture_replay():
     gen = torch.Generator(device="cuda").manual_seed(3)
-    for (M, K, N) in [(4, 3072, 3072), (600, 1152, 1152)]:
+    fp8s = (False, True) if kernel._gpu(torch.cuda.current_device())[1] else (False,)
+    for (M, K, N), fp8 in [(mkn, f) for mkn in [(4, 3072, 3072), (600, 1152, 1152)] for f in fp8s]:
         w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
         packed, alpha = kernel.pack_2bit(w), torch.rand(1, device="cuda", generator=gen) + 0.1
         x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm-up (compiles) outside the capture
-            kernel.ternary_matmul(x, packed, alpha, N, K)
+            kernel.ternary_matmul(x, packed, alpha, N, K, fp8=fp8)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            y = kernel.ternary_matmul(x, packed, alpha, N, K)
+            y = kernel.ternary_matmul(x, packed, alpha, N, K, fp8=fp8)
         x.copy_(torch.randn(M, K, device="cuda", generator=gen))
         alpha.fill_(0.37)  # alpha is read on the device at replay time
         y.fill_(float("nan"))
         g.replay()
         torch.cuda.synchronize()
-        eager = kernel.ternary_matmul(x, packed, alpha, N, K)
+        eager = kernel.ternary_matmul(x, packed, alpha, N, K, fp8=fp8)
         assert torch.equal(y, eager)
-        check(y, reference(x, w, alpha))
+        check(y, reference(x, w, alpha), tol=0.05 if fp8 else 1e-2)
 
 
 @gpu
