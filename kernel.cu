@@ -358,30 +358,44 @@ wgmm8(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __r
 #pragma unroll
   for (int i = 0; i < BM / 2; i++) acc[i] = 0.f;
   fence_acc(acc);
-  for (int i = 0; i < nch; i++) {
+  // Chunk i: wait for its stage, dequantise (prep), fence + 4 wgmmas + commit (mma), wait, release the stage.
+  // Two register sets alternate, so that chunk i+1 is dequantised while chunk i multiplies: the registers
+  // written are never those of a wgmma in flight (else ptxas serialises every wgmma, its note C7513).
+  auto prep = [&](int i, u32 (&f)[4][4]) {
     // refill ST - 2 chunks ahead, into the stage of chunk i - 2: by now every warp has (nearly always) released
     // it, so thread 0 seldom waits, and the other warps never wait for one another
     if (tid == 0 && i + ST - 2 < nch) {
       if (i >= 2) mbar_wait(empty + 8 * ((i - 2) % ST), ((i - 2) / ST) & 1);
       issue(i + ST - 2);
     }
-    const int s = i % ST;
-    mbar_wait(full + 8 * s, (i / ST) & 1);
-    const u32 xs = sbase + s * STAGE;
-    const uint4 wq = *(const uint4*)(smem + s * STAGE + XSTAGE + (warp * 32 + lane) * 16);
-    u32 f[4][4];                               // word w = k32 step w
-    u64 d[4];
+    mbar_wait(full + 8 * (i % ST), (i / ST) & 1);
+    const uint4 wq = *(const uint4*)(smem + (i % ST) * STAGE + XSTAGE + (warp * 32 + lane) * 16);
 #pragma unroll
-    for (int w = 0; w < 4; w++) dequant8(word(wq, w), f[w]);
-#pragma unroll
-    for (int w = 0; w < 4; w++) d[w] = desc(xs + w * 32);
+    for (int w = 0; w < 4; w++) dequant8(word(wq, w), f[w]);  // word w = k32 step w
+  };
+  auto mma = [&](int i, u32 (&f)[4][4]) {
+    const u32 xs = sbase + (i % ST) * STAGE;
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
-    for (int w = 0; w < 4; w++) wgmma_mma(acc, f[w], d[w]);
+    for (int w = 0; w < 4; w++) wgmma_mma(acc, f[w], desc(xs + w * 32));
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  };
+  auto done = [&](int i) {
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     __syncwarp();
-    if (lane == 0) mbar_arrive(empty + 8 * s);  // this warp is done with the stage
+    if (lane == 0) mbar_arrive(empty + 8 * (i % ST));  // this warp is done with the stage
+  };
+  u32 fa[4][4], fb[4][4];
+  if (nch > 0) prep(0, fa);
+  for (int i = 0; i < nch; i += 2) {
+    mma(i, fa);
+    if (i + 1 < nch) prep(i + 1, fb);
+    done(i);
+    if (i + 1 < nch) {
+      mma(i + 1, fb);
+      if (i + 2 < nch) prep(i + 2, fa);
+      done(i + 1);
+    }
   }
   fence_acc(acc);
   __syncthreads();                             // every copy was waited for and consumed: the stages become red
@@ -410,17 +424,23 @@ __device__ __forceinline__ u32 e4m3x2(float hi, float lo) {  // lo -> byte 0, hi
 
 extern "C" __global__ void __launch_bounds__(128) quant8(const uint4* __restrict__ X, uint4* __restrict__ Q,
                                                          float* __restrict__ S, int M, int Mp, int KC) {
-  __shared__ float wmax[4];
-  const int m = blockIdx.x, tid = threadIdx.x, P = KC * 8;  // P pieces of 16 k per row
+  constexpr int KEEP = 4;                      // pieces per thread held in registers between the two passes
+  __shared__ float wmax[4];                    // (all of a row up to K = 8192; beyond, re-read from L2)
+  const int m = blockIdx.x, tid = threadIdx.x, P = m < M ? KC * 8 : 0;  // P pieces of 16 k; none for pad rows
   const uint4* x = X + (size_t)min(m, M - 1) * KC * 16;
+  uint4 keep[2 * KEEP];
   float amax = 0.f;
-  if (m < M)
-    for (int p = tid; p < P; p += 128) {
-      const uint4 a = x[2 * p], b = x[2 * p + 1];
-      const u32 v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  auto absmax = [&](const uint4& a, const uint4& b) {
+    const u32 v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-      for (int j = 0; j < 8; j++) amax = fmaxf(amax, fmaxf(fabsf(lo_f(v[j])), fabsf(hi_f(v[j]))));
-    }
+    for (int j = 0; j < 8; j++) amax = fmaxf(amax, fmaxf(fabsf(lo_f(v[j])), fabsf(hi_f(v[j]))));
+  };
+#pragma unroll
+  for (int j = 0; j < KEEP; j++) {
+    const int p = tid + 128 * j;
+    if (p < P) { keep[2 * j] = x[2 * p]; keep[2 * j + 1] = x[2 * p + 1]; absmax(keep[2 * j], keep[2 * j + 1]); }
+  }
+  for (int p = tid + 128 * KEEP; p < P; p += 128) absmax(x[2 * p], x[2 * p + 1]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   if ((tid & 31) == 0) wmax[tid >> 5] = amax;
@@ -428,20 +448,21 @@ extern "C" __global__ void __launch_bounds__(128) quant8(const uint4* __restrict
   amax = fmaxf(fmaxf(wmax[0], wmax[1]), fmaxf(wmax[2], wmax[3]));
   const float inv = amax > 0.f ? 448.f / amax : 0.f;
   if (tid == 0) S[m] = amax / 448.f;
-  for (int p = tid; p < P; p += 128) {
-    uint4 o = make_uint4(0u, 0u, 0u, 0u);
-    if (m < M) {
-      const uint4 a = x[2 * p], b = x[2 * p + 1];
-      // piece = k 8 r1 + 2 t + h (words v[4 r1 + t], half h) -> byte 4 t + 2 h + r1 (dequant8's order)
-      const u32 v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      u32 r[4];
+  // piece = k 8 r1 + 2 t + h (words v[4 r1 + t], half h) -> byte 4 t + 2 h + r1 (dequant8's order)
+  auto store = [&](int p, const uint4& a, const uint4& b) {
+    const u32 v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    u32 r[4];
 #pragma unroll
-      for (int t = 0; t < 4; t++)
-        r[t] = e4m3x2(lo_f(v[4 + t]) * inv, lo_f(v[t]) * inv) | e4m3x2(hi_f(v[4 + t]) * inv, hi_f(v[t]) * inv) << 16;
-      o = make_uint4(r[0], r[1], r[2], r[3]);
-    }
-    Q[((size_t)(p >> 3) * Mp + m) * 8 + ((p & 7) ^ (m & 7))] = o;
-  }
+    for (int t = 0; t < 4; t++)
+      r[t] = e4m3x2(lo_f(v[4 + t]) * inv, lo_f(v[t]) * inv) | e4m3x2(hi_f(v[4 + t]) * inv, hi_f(v[t]) * inv) << 16;
+    Q[((size_t)(p >> 3) * Mp + m) * 8 + ((p & 7) ^ (m & 7))] = make_uint4(r[0], r[1], r[2], r[3]);
+  };
+#pragma unroll
+  for (int j = 0; j < KEEP; j++)
+    if (tid + 128 * j < P) store(tid + 128 * j, keep[2 * j], keep[2 * j + 1]);
+  for (int p = tid + 128 * KEEP; p < P; p += 128) store(p, x[2 * p], x[2 * p + 1]);
+  if (m >= M)                                  // padding rows: zero codes
+    for (int p = tid; p < KC * 8; p += 128) Q[((size_t)(p >> 3) * Mp + m) * 8 + ((p & 7) ^ (m & 7))] = make_uint4(0u, 0u, 0u, 0u);
 }
 #endif
 

@@ -187,10 +187,9 @@ CONFIGS = {
 # MINB CTAs per SM: a warpgroup waits for its own wgmmas, so the SM needs several warpgroups to keep the tensor
 # cores busy. The survivors of a wider sweep on an H200 (BM = 192, 256; 4 warpgroups; deeper rings won nowhere).
 WG_CONFIGS = {"w64": (1, 64, 4, 3), "w2x64": (2, 64, 4, 2), "w2x128": (2, 128, 3, 2)}
-# ternary x fp8 wgmma tiles (wgmm8), same fields. Wide tiles (BN = 256) matter more than for bf16: each X byte
-# feeds BN channels, and at fp8 rates a BN = 128 tile needs more bytes per second than the L2 gives
-WG8_CONFIGS = {"f64": (1, 64, 6, 3), "f2x128": (2, 128, 4, 2), "f4x64": (4, 64, 6, 1), "f4x128": (4, 128, 4, 1),
-               "f2x256": (2, 256, 4, 1)}
+# ternary x fp8 wgmma tiles (wgmm8), same fields: the survivors of an H200 sweep. Independent CTAs of one
+# warpgroup did best (a CTA's warpgroups wait for one another's stage releases); 4 warpgroups per CTA did worst.
+WG8_CONFIGS = {"f64": (1, 64, 6, 3), "f128": (1, 128, 4, 3), "f2x128": (2, 128, 4, 2), "f2x256": (2, 256, 4, 1)}
 
 
 def _tile(name):
@@ -313,7 +312,7 @@ def _pick8(M, N, K, sms=132):
     t = _TUNED8.get((K, N))
     if t:
         return t[min((m for m in t if m >= M), default=max(t))]
-    for name in ("f2x256", "f2x128", "f64"):
+    for name in ("f2x256", "f128", "f64"):
         bn, bm = _tile(name)[:2]
         if -(-N // bn) * -(-M // bm) >= sms:
             break
