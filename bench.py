@@ -33,7 +33,7 @@ import kernel
 from diffusion import Diffusion
 from model import SIZES, RMSNorm, TerDiT, TerDiTConfig
 import quant
-from pack import PackedTernaryLinear, fuse_adaln
+from pack import PackedTernaryLinear, fuse_adaln, set_act
 from quant import TernaryLinear
 from sample import CUDAGraphed, inference_context
 
@@ -284,11 +284,12 @@ def bench_variants(model, name, packed, args):
     return rows
 
 
-def model_tables(rows, sizes, steps):
+def model_tables(rows, sizes, steps, act):
     """The markdown of bench_model: a timing table (speed-up against the faster bf16 variant at the same size and
     batch) and a weights table."""
-    out = ["## End to end: CFG, random ternary weights, each step one CUDA-graph replay; compiled = regional "
-           "torch.compile (default mode), first call = compile (cold) + capture", "",
+    out = [f"## End to end: CFG, random ternary weights, packed model with {act} activations, each step one "
+           "CUDA-graph replay; compiled = regional torch.compile (default mode), first call = compile (cold) + capture",
+           "",
            f"| size | batch | model | step ms | vs best bf16 | {steps}-step sample s | peak GiB | first call s | "
            "kernel ms/step | outside ternary matmuls ms (share) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -310,6 +311,7 @@ def bench_model(args):
     for size in args.sizes.split(","):
         gen = torch.Generator(device=dev).manual_seed(0)
         packed, bf = random_pair(size, dev, gen)
+        set_act(packed, args.act)
         x = torch.randn(2, 4, 32, 32, device=dev, dtype=torch.bfloat16, generator=gen)
         t, y = torch.tensor([500, 500], device=dev), torch.tensor([3, 1000], device=dev)
         with torch.no_grad():
@@ -325,7 +327,7 @@ def bench_model(args):
         del bf
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    return dict(rows=rows, sizes=sizes), model_tables(rows, sizes, args.steps)
+    return dict(rows=rows, sizes=sizes), model_tables(rows, sizes, args.steps, args.act)
 
 
 # -----------------------------------------------------------------------------
@@ -481,7 +483,8 @@ def main():
     p.add_argument("--cold-mb", type=float, default=120.0, help="MB of distinct weights rotated per shape")
     p.add_argument("--sweep", action="store_true", help="also time every candidate tile config")
     p.add_argument("--act", default="bf16", choices=["bf16", "fp8"],
-                   help="activations of the ternary matmuls: bf16, or fp8 (e4m3 per token, Hopper)")
+                   help="activations of the ternary matmuls (--what kernels, and the packed model of --what "
+                        "model): bf16, or fp8 (e4m3 per token, Hopper)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py times GPU kernels and needs CUDA (and cupy for the fused kernel)")

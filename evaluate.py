@@ -3,6 +3,7 @@ Offline sample quality for the Fashion-MNIST runs: a small-scale proxy for the p
 
     python evaluate.py --train-classifier           # once: trains the feature net, writes assets/fmnist_classifier.pt
     python evaluate.py --ckpt out/ternary/ckpt.pt --num-samples 1000 --cfg-scale 1.5 --num-steps 100 --out results.json
+    python evaluate.py --ckpt out/ternary/model.tdit --act fp8   # a pack.py file, fp8 activations in its matmuls
     python evaluate.py --ckpt out/fp/ckpt.pt --ptq  # round-to-nearest ternary PTQ of a full-precision model (Sec. 4)
     python evaluate.py --ckpt out/ternary/ckpt.pt --adaln-stats   # adaLN output magnitudes (Fig. 4)
 
@@ -253,6 +254,9 @@ def main():
     p.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="regional torch.compile before sampling (None: on with CUDA, off on a CPU)")
+    p.add_argument("--act", default="bf16", choices=["bf16", "fp8"],
+                   help="activations of a packed model's ternary matmuls: bf16, or fp8 (e4m3 per token, one scale "
+                        "each; fused kernels on Hopper GPUs, emulated elsewhere)")
     p.add_argument("--ptq", action="store_true", help="round-to-nearest ternary PTQ of a full-precision checkpoint")
     p.add_argument("--adaln-stats", action="store_true", help="report adaLN output magnitudes instead of sampling")
     p.add_argument("--out", help="write the results as JSON here")
@@ -265,8 +269,9 @@ def main():
     if not args.ckpt:
         return None if args.train_classifier else p.error("pass --ckpt (or --train-classifier)")
     import sample  # imported here so this module (and its tests) work without the sampler
-    model = sample.load_model(args.ckpt, args.device)
-    result = dict(ckpt=args.ckpt, ckpt_bytes=os.path.getsize(args.ckpt), ternary=model.config.ternary, ptq=args.ptq)
+    model = sample.load_model(args.ckpt, args.device, args.act)
+    result = dict(ckpt=args.ckpt, ckpt_bytes=os.path.getsize(args.ckpt), ternary=model.config.ternary, ptq=args.ptq,
+                  act=args.act)
     if args.ptq:
         ptq_ternary(model)
     if args.adaln_stats:

@@ -42,7 +42,8 @@ TernaryLinear's "weight" replaced by its trits under the name "<layer>.packed":
                 float32's exponent range, so nothing overflows (fp16 stops at 65504) or flushes to zero; it
                 pays in mantissa bits instead (relative rounding error <= 2^-9).
 
-API for sample.py: is_packed(path), read_header(path) (config and index only), load_packed(path, device).
+API for sample.py: is_packed(path), read_header(path) (config and index only), load_packed(path, device, dtype, act),
+set_act(model, act).
 """
 
 import argparse
@@ -112,7 +113,8 @@ def unpack_base3(packed, N, K):
 class PackedTernaryLinear(nn.Module):
     """y = x · (α W̃)ᵀ + b with W̃ held as kernel.pack_2bit codes (uint8) and multiplied by kernel.ternary_matmul
     through its custom op (kernel.ternary_matmul_op), so that torch.compile traces the layer without a break;
-    α and b are applied in the kernel's epilogue (one rounding)."""
+    α and b are applied in the kernel's epilogue (one rounding). fp8 (a plain attribute, not in the state dict;
+    set_act sets it): x quantised per token to e4m3 first, the kernel's W1.58A8 path."""
 
     def __init__(self, in_features, out_features, bias, packed_shape, device=None):
         super().__init__()
@@ -120,11 +122,13 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("packed", torch.empty(packed_shape, dtype=torch.uint8, device=device))
         self.register_buffer("alphas", torch.empty(1, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self.fp8 = False
 
     def forward(self, x):
         if torch.is_autocast_enabled(x.device.type):  # act like nn.Linear under autocast: the kernel needs bf16/fp16
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return kernel.ternary_matmul_op(x, self.packed, self.alphas, self.out_features, self.in_features, self.bias)
+        return kernel.ternary_matmul_op(x, self.packed, self.alphas, self.out_features, self.in_features, self.bias,
+                                        self.fp8)
 
     def _apply(self, fn, recurse=True):
         # Module.to/half/bfloat16 cast every floating buffer. uint8 `packed` is safe (integer buffers are never
@@ -135,7 +139,8 @@ class PackedTernaryLinear(nn.Module):
         return self
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"fp8={self.fp8}")
 
 
 class FusedAdaLN(nn.Module):
@@ -170,6 +175,8 @@ class FusedAdaLN(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # as PackedTernaryLinear
             x = x.to(torch.get_autocast_dtype(x.device.type))
         depth = len(self.linears)
+        # never fp8 (set_act leaves adaLN alone): M is the batch, too few rows for 8-bit activations to pay, and
+        # these modulations scale and gate every block's residual stream
         y = kernel.ternary_matmul_op(x, self.packed, self.one, depth * self.width, self.in_features)
         alphas = torch.stack([m.alphas for m in self.linears])  # (depth, 1), float32
         bias = torch.stack([m.bias for m in self.linears])       # (depth, 6 * dim)
@@ -187,6 +194,18 @@ def fuse_adaln(model):
     """Give a packed TerDiT the one-matmul adaLN (FusedAdaLN); TerDiT.modulations uses it from then on. Call it
     after moving the model to its device (a later .to() copies the shared codes apart: correct, but stored twice)."""
     model.fused_adaln = FusedAdaLN(model.layers)
+    return model
+
+
+def set_act(model, act):
+    """Activations of a packed model's token-wise ternary matmuls (attention wq, wk, wv, wo; SwiGLU w1, w2, w3):
+    "bf16" (the model's dtype, as loaded) or "fp8" (e4m3 per token, one scale each: kernel.py's W1.58A8 path).
+    The adaLN linears, like FusedAdaLN, never take fp8 (FusedAdaLN.forward says why). Returns the model."""
+    if act not in ("bf16", "fp8"):
+        raise ValueError(f"act must be 'bf16' or 'fp8', got {act!r}")
+    for name, m in model.named_modules():
+        if isinstance(m, PackedTernaryLinear) and "adaLN" not in name:
+            m.fp8 = act == "fp8"
     return model
 
 
@@ -314,9 +333,10 @@ def read_packed(path):
     return hdr, state
 
 
-def load_packed(path, device="cpu", dtype=torch.float32):
+def load_packed(path, device="cpu", dtype=torch.float32, act="bf16"):
     """A TerDiT in eval mode whose ternary layers are PackedTernaryLinear; its full-precision tensors (embedders,
-    norm gains, biases, final layer) in dtype, α float32 and the 2-bit codes as stored whatever dtype is.
+    norm gains, biases, final layer) in dtype, α float32 and the 2-bit codes as stored whatever dtype is. act:
+    the token-wise ternary matmuls' activations, "bf16" or "fp8" (set_act; ValueError otherwise).
 
     dtype=torch.bfloat16 is the lean inference model sample.py runs on a GPU, without autocast: bf16 from input
     to output (the file stores these tensors in bf16, so nothing is lost), the packed layers straight into the
@@ -333,7 +353,7 @@ def load_packed(path, device="cpu", dtype=torch.float32):
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise ValueError(f"{path} is corrupt (its tensors do not match its config): {err}") from None
-    return fuse_adaln(model.requires_grad_(False).eval().to(device=device, dtype=dtype))
+    return set_act(fuse_adaln(model.requires_grad_(False).eval().to(device=device, dtype=dtype)), act)
 
 
 # -----------------------------------------------------------------------------

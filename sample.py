@@ -4,6 +4,7 @@ Sample a grid of class-conditional images from a TerDiT checkpoint, with classif
     python sample.py                                   # the shipped demo (packed 2-bit ternary model), on CPU
     python sample.py --ckpt out/ckpt.pt                # a train.py checkpoint (its EMA weights)
     python sample.py --ckpt out/model.tdit --device cuda   # a pack.py file, through the fused 2-bit kernel
+    python sample.py --ckpt out/model.tdit --device cuda --act fp8   # its matmuls with fp8 activations (W1.58A8)
     python sample.py --ckpt checkpoints/3B_1180000 --vae /models/sd-vae-ft-ema --classes 89 475 --device cuda
                                                        # an official TerDiT checkpoint folder (Hugging Face
                                                        # lucky-lance/TerDiT); --classes are ImageNet class indices
@@ -43,12 +44,16 @@ from model import TerDiT, config_from_dict
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo.tdit")
 
 
-def load_model(path, device):
+def load_model(path, device, act="bf16"):
     """A TerDiT in eval mode from a pack.py file, a train.py checkpoint (EMA weights when present), or an official
     TerDiT checkpoint folder (pack.read_reference). On a GPU a pack.py file loads as the lean bf16 model
     (pack.load_packed(..., dtype=torch.bfloat16), run without autocast); everything else loads in float32, to
     run under bf16 autocast on a GPU (inference_context): an unpacked ternary layer recomputes its trits from
-    float32 latent weights (quant.ternarize), which bf16 weights would change."""
+    float32 latent weights (quant.ternarize), which bf16 weights would change. act="fp8": a pack.py file's
+    token-wise ternary matmuls take fp8 activations (pack.set_act); for any other checkpoint, a ValueError."""
+    if act == "fp8" and os.path.exists(path) and not (os.path.isfile(path) and pack.is_packed(path)):
+        raise ValueError(f"fp8 activations (--act fp8) need a packed model and '{path}' is not one: make one with "
+                         f"`python pack.py --ckpt {path} --out model.tdit`, then pass --ckpt model.tdit")
     if os.path.isdir(path):
         return pack.read_reference(path)[1].to(device)
     what = "pass --ckpt a train.py .pt, a pack.py file or an official TerDiT checkpoint folder"
@@ -57,7 +62,8 @@ def load_model(path, device):
     if os.path.getsize(path) == 0:
         raise ValueError(f"'{path}' is empty (0 bytes): {what}")
     if pack.is_packed(path):
-        return pack.load_packed(path, device, torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return pack.load_packed(path, device, dtype, act)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch's own text here is about pickling and weights_only, not about the file
@@ -198,6 +204,9 @@ def main(argv=None):
                    help="cpu or cuda (under torchrun: each rank's GPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="regional torch.compile first (pays off over long runs, not for one grid)")
+    p.add_argument("--act", default="bf16", choices=["bf16", "fp8"],
+                   help="activations of a packed model's ternary matmuls: bf16, or fp8 (e4m3 per token, one scale "
+                        "each; fused kernels on Hopper GPUs, emulated elsewhere)")
     p.add_argument("--num-fid-samples", type=data.number(int, 0, what="an integer >= 0"), default=0,
                    help="instead of a grid: this many samples of random classes, as the ADM suite's .npz at --out "
                         "(paper: 50000); torchrun spreads them over processes; rerun to resume")
@@ -217,7 +226,7 @@ def main(argv=None):
         if device.type == "cuda":
             device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
             torch.cuda.set_device(device)
-    model = load_model(args.ckpt, device)
+    model = load_model(args.ckpt, device, args.act)
     cfg = model.config
     if args.reference_cfg is not None:
         cfg.reference_cfg = args.reference_cfg

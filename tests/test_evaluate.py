@@ -135,3 +135,20 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     evaluate.main()
     assert len(json.loads(out.read_text())["adaln_stats"]) == 5 * len(m.layers)
     assert "linear: mean|x|" in capsys.readouterr().out
+
+
+def test_cli_act_fp8_on_a_packed_model_only(tmp_path, monkeypatch):
+    from dataclasses import asdict
+    import pack
+    m = tiny_model()
+    ckpt, tdit, out = tmp_path / "ckpt.pt", str(tmp_path / "m.tdit"), tmp_path / "r.json"
+    torch.save({"model": m.state_dict(), "ema": m.state_dict(), "step": 0, "model_config": asdict(m.config)}, ckpt)
+    pack.write_packed(tdit, asdict(m.config), 0, pack._encode(m), trits_per_byte=4)
+    args = ["--act", "fp8", "--device", "cpu", "--num-samples", "10", "--num-steps", "2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", tdit, *args])
+    evaluate.main()
+    r = json.loads(out.read_text())
+    assert r["act"] == "fp8" and 0 <= r["accuracy"] <= 1 and r["fd"] > 0
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", str(ckpt), *args])
+    with pytest.raises(ValueError, match=r"need a packed model .*`python pack.py --ckpt .* --out model.tdit`"):
+        evaluate.main()

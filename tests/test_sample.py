@@ -1,5 +1,7 @@
 """Sampling (sample.py) from a train.py checkpoint and from its packed files. Run: python -m pytest tests/test_sample.py -v"""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import model
 import pack
 import sample
 import train
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,23 @@ def test_packed_files_sample_the_same_images(ckpt, tmp_path):
         # the same image up to the bf16 rounding of the full-precision tensors (amplified by CFG 4 along the
         # sampling chain): seen here, at most 6 grey levels on a pixel and 0.11 on average
         assert np.abs(img - ref).max() <= 8 and np.abs(img - ref).mean() < 0.5
+
+
+def test_fp8_activations_draw_a_close_image(ckpt, tmp_path):
+    tdit = str(tmp_path / "m.tdit")
+    pack.main(["--ckpt", ckpt, "--out", tdit])
+    ref, img = draw(tdit, str(tmp_path / "b.png")), draw(tdit, str(tmp_path / "f.png"), "--act", "fp8")
+    # the same image up to e4m3 rounding, amplified by CFG 4 along the chain: seen here, 4 grey levels off on
+    # average (another seed's image: 94)
+    assert img.shape == ref.shape and 0 < np.abs(img - ref).mean() < 10
+
+
+def test_fp8_activations_need_a_packed_model(ckpt, tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpt, "--act", "fp8", "--device", "cpu", "--out",
+                        str(tmp_path / "s.png")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: fp8 activations (--act fp8) need a packed model") and "python pack.py" in r.stderr
+    assert not os.listdir(tmp_path)
 
 
 def test_compile_flag_draws_the_same_image(ckpt, tmp_path, monkeypatch, capsys):
@@ -111,8 +131,6 @@ def test_packed_model_on_gpu_matches_unpacked(ckpt, tmp_path):
 
 
 def test_fid_samples_npz_resumable_and_independent_of_process_count(ckpt, tmp_path):
-    import subprocess
-    import sys
     out = str(tmp_path / "fid.npz")
     args = ["--ckpt", ckpt, "--num-fid-samples", "5", "--batch-size", "2", "--num-steps", "4", "--method", "ddpm",
             "--cfg-scale", "1.5", "--device", "cpu"]
