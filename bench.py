@@ -5,6 +5,7 @@ Benchmarks: the fused ternary kernel (kernel.py) against cuBLAS bf16 F.linear on
     python bench.py --what train --out bench_results/train_h200.md   # train.py's step: MFU, memory, compile
     python bench.py --what kernels --sweep     # first time every candidate tile config / cluster split per row,
                                                # use the fastest, print the table to paste as kernel._TUNED
+    python bench.py --what kernels --act fp8 --sweep --m 64,256,512,2048,8192   # fp8 activations: kernel._TUNED8
 
 How it times (see /work/.library/device/METHOD.md): every number is the median over --reps replays of a
 CUDA graph holding many calls, timed with CUDA events, so launch gaps from Python are gone. Consecutive
@@ -100,6 +101,8 @@ def bench_kernels(args):
     rows, sweep = [], []
     sms, wgmma = kernel._gpu(dev.index or 0)
     for model, layer, K, N in SHAPES:
+        if fp8 and layer == "adaLN":  # the model never runs adaLN with fp8 activations (pack.set_act)
+            continue
         w = (torch.randint(0, 3, (N, K), device=dev, generator=gen) - 1).to(torch.int8)
         alpha = torch.rand(1, device=dev, generator=gen) + 0.5
         packed = kernel.pack_2bit(w)

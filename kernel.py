@@ -29,8 +29,8 @@ Hopper this is also what wgmma wants: its A operand may come from registers (whe
 come from shared memory; and a warpgroup's wgmma A fragment is four warps' mma.sync A fragments stacked, so
 one packing serves both kernels.
 
-Two kernels (kernel.cu), both streaming weights (2-bit) and X (16-bit) through a 3-8 stage cp.async ring in
-shared memory, alpha (a device scalar) and the bias applied in the epilogue:
+Three kernels (kernel.cu), all streaming weights (2-bit) and X through a 3-8 stage ring in shared memory,
+alpha (a device scalar) and the bias applied in the epilogue:
   tmm (mma.sync m16n8k16, any GPU from sm_80): small M. A CTA owns a BN x BM block of Y; warps are laid out
     WN x WM x WK: WK > 1 warp groups take different k128 chunks of each stage, so a CTA's chunks are consumed
     in parallel rather than one after another (what matters at small M, where everything is latency). X is
@@ -41,10 +41,19 @@ shared memory, alpha (a device scalar) and the bias applied in the epilogue:
     layout with the 128-byte swizzle: 16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes
     apart), and waits for them (writing wgmma inputs while wgmmas run makes ptxas serialise them); 2-3
     warpgroups per SM overlap one another's dequantisation with their multiplies.
+  wgmm8 + quant8 (sm_90a): ternary x fp8 activations (W1.58A8, opt-in: fp8=True). quant8 turns each token's
+    row of X into e4m3 codes and one float32 scale (amax / 448) and writes them as the shared-memory image of
+    a pipeline stage: chunk-major, k permuted within each 16 as dequant8 orders the weights' bytes, the 16-byte
+    pieces swizzled. A stage is then one contiguous block, moved by a bulk copy (cp.async.bulk, the TMA
+    engine, no tensor map) that counts its bytes into an mbarrier; warps release stages through mbarriers, so
+    the main loop has no CTA barrier and no address arithmetic. -1, 0, 1 are exact in e4m3: two PRMTs per
+    register turn 4 codes into 4 e4m3 bytes; wgmma.m64n<BM>k32.e4m3 runs at twice the bf16 rate; the
+    epilogue multiplies by alpha and the token's scale.
 When (N/BN)*(M/BM) CTAs cannot fill the SMs, K is also split over a thread-block *cluster* of CS = 2..8 CTAs
 whose partial tiles are summed through distributed shared memory (mapa + ld.shared::cluster): one launch, no
-workspace, memset or atomics, deterministic, CUDA-graph safe. CONFIGS / WG_CONFIGS list the tiles; _TUNED holds
-the fastest (config, CS) per shape and M measured with `python bench.py --sweep`; _pick falls back to a heuristic.
+workspace, memset or atomics, deterministic, CUDA-graph safe. CONFIGS / WG_CONFIGS / WG8_CONFIGS list the
+tiles; _TUNED / _TUNED8 hold the fastest (config, CS) per shape and M measured with `python bench.py --sweep`
+(`--act fp8`); _pick / _pick8 fall back to a heuristic.
 
 What limits it (H200: 4.8 TB/s, ~990 TFLOP/s dense bf16; cuBLAS reaches ~800 on these shapes). At K=N=3072
 the bf16 weights are 18.9 MB, the 2-bit ones 2.4 MB: 8x fewer bytes. Each token adds 2*K*N FLOPs but no
@@ -53,8 +62,10 @@ bound (launch ~1 us + a DRAM round trip + the per-chunk dependency chain + the e
 at M <= 16, not 8x. From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmma reaches
 ~810 TFLOP/s in this kernel's main loop when the loads are left out (README, kernel results), and 0.6-1.0x
 cuBLAS with them: the cp.async loads issued by the same warps, and the CTA barrier per chunk, leave the tensor
-cores idle part of the time. TMA loads (one thread per stage, the hardware swizzling) from a producer warp, with
-mbarriers in place of the barrier, are the next step. Off Hopper, M >= 512 expands the codes to a transient
+cores idle part of the time. wgmm8 has what that points to (bulk copies, mbarriers): 1.0-1.15 PFLOP/s without
+quant8 at M = 8192 (fp8 peak ~1.98), 1.06-1.37x cuBLAS bf16 with quant8 on the 4.2B MLP shapes from M = 512
+(README). There ncu shows the warps mostly waiting on mbarriers while L2 and DRAM are far from busy: each
+warpgroup's chain of wait, dequantise, multiply leaves the tensor cores half idle. Off Hopper, M >= 512 expands the codes to a transient
 16-bit matrix for cuBLAS instead (below).
 """
 
@@ -303,7 +314,15 @@ def _split(M, N, K, name, sms, small=False):
     return cs
 
 
-_TUNED8 = {}  # as _TUNED, for fp8 activations (wgmm8 tiles)
+_TUNED8 = {  # as _TUNED, for fp8 activations: `python bench.py --what kernels --act fp8 --sweep` on an NVIDIA H200
+    (1536, 1536): {64: ('f64', 4), 256: ('f128', 4), 512: ('f64', 2), 2048: ('f128', 1), 8192: ('f2x128', 1)},
+    (1536, 4096): {64: ('f64', 4), 256: ('f128', 2), 512: ('f2x128', 2), 2048: ('f2x128', 1), 8192: ('f2x128', 1)},
+    (4096, 1536): {64: ('f64', 4), 256: ('f128', 4), 512: ('f2x256', 4), 2048: ('f128', 1), 8192: ('f2x128', 1)},
+    (3072, 3072): {64: ('f64', 4), 256: ('f64', 2), 512: ('f128', 2), 2048: ('f128', 1), 8192: ('f2x128', 1)},
+    (3072, 8192): {64: ('f64', 2), 256: ('f2x128', 2), 512: ('f2x256', 1), 2048: ('f2x256', 1), 8192: ('f2x256', 1)},
+    (8192, 3072): {64: ('f64', 4), 256: ('f2x256', 4), 512: ('f128', 2), 2048: ('f2x256', 2), 8192: ('f2x256', 1)},
+    (1152, 1152): {64: ('f64', 4), 256: ('f64', 4), 512: ('f64', 2), 2048: ('f128', 1), 8192: ('f128', 1)},
+}
 
 
 def _pick8(M, N, K, sms=132):

@@ -132,6 +132,7 @@ def test_custom_op_opcheck():
         torch.library.opcheck(kernel.ternary_matmul_op, (x, kernel.pack_2bit(w), torch.tensor([0.3]), N, K))
         torch.library.opcheck(kernel.ternary_matmul_op, (x, kernel.pack_2bit(w), torch.tensor([0.3]), N, K,
                                                          torch.randn(N, generator=gen)))
+        torch.library.opcheck(kernel.ternary_matmul_op, (x, kernel.pack_2bit(w), torch.tensor([0.3]), N, K, None, True))
 
 
 def test_fp8_codes_and_reference():
