@@ -448,6 +448,7 @@ extern "C" __global__ void __launch_bounds__(128) quant8(const uint4* __restrict
   amax = fmaxf(fmaxf(wmax[0], wmax[1]), fmaxf(wmax[2], wmax[3]));
   const float inv = amax > 0.f ? 448.f / amax : 0.f;
   if (tid == 0) S[m] = amax / 448.f;
+  auto at = [&](int p) { return ((size_t)(p >> 3) * Mp + m) * 8 + ((p & 7) ^ (m & 7)); };  // piece p in the image
   // piece = k 8 r1 + 2 t + h (words v[4 r1 + t], half h) -> byte 4 t + 2 h + r1 (dequant8's order)
   auto store = [&](int p, const uint4& a, const uint4& b) {
     const u32 v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
@@ -455,14 +456,14 @@ extern "C" __global__ void __launch_bounds__(128) quant8(const uint4* __restrict
 #pragma unroll
     for (int t = 0; t < 4; t++)
       r[t] = e4m3x2(lo_f(v[4 + t]) * inv, lo_f(v[t]) * inv) | e4m3x2(hi_f(v[4 + t]) * inv, hi_f(v[t]) * inv) << 16;
-    Q[((size_t)(p >> 3) * Mp + m) * 8 + ((p & 7) ^ (m & 7))] = make_uint4(r[0], r[1], r[2], r[3]);
+    Q[at(p)] = make_uint4(r[0], r[1], r[2], r[3]);
   };
 #pragma unroll
   for (int j = 0; j < KEEP; j++)
     if (tid + 128 * j < P) store(tid + 128 * j, keep[2 * j], keep[2 * j + 1]);
   for (int p = tid + 128 * KEEP; p < P; p += 128) store(p, x[2 * p], x[2 * p + 1]);
   if (m >= M)                                  // padding rows: zero codes
-    for (int p = tid; p < KC * 8; p += 128) Q[((size_t)(p >> 3) * Mp + m) * 8 + ((p & 7) ^ (m & 7))] = make_uint4(0u, 0u, 0u, 0u);
+    for (int p = tid; p < KC * 8; p += 128) Q[at(p)] = make_uint4(0u, 0u, 0u, 0u);
 }
 #endif
 

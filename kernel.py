@@ -65,8 +65,8 @@ cuBLAS with them: the cp.async loads issued by the same warps, and the CTA barri
 cores idle part of the time. wgmm8 has what that points to (bulk copies, mbarriers): 1.0-1.15 PFLOP/s without
 quant8 at M = 8192 (fp8 peak ~1.98), 1.06-1.37x cuBLAS bf16 with quant8 on the 4.2B MLP shapes from M = 512
 (README). There ncu shows the warps mostly waiting on mbarriers while L2 and DRAM are far from busy: each
-warpgroup's chain of wait, dequantise, multiply leaves the tensor cores half idle. Off Hopper, M >= 512 expands the codes to a transient
-16-bit matrix for cuBLAS instead (below).
+warpgroup's chain of wait, dequantise, multiply leaves the tensor cores half idle. Off Hopper, M >= 512 expands
+the codes to a transient 16-bit matrix for cuBLAS instead (below).
 """
 
 import functools
@@ -257,7 +257,8 @@ def _source(kind, name=None, cs=1, bf16=True, bias=0):
     with open(_CU) as f:
         src = f.read()
     if kind in ("WGMM", "WGMM8"):
-        src = src.replace("WGMMA_FN\n", _wgmma_source(d["BM"], "e4m3" if kind == "WGMM8" else d["DT"].strip('"')))
+        dt = "e4m3" if kind == "WGMM8" else "bf16" if bf16 else "f16"
+        src = src.replace("WGMMA_FN\n", _wgmma_source(d["BM"], dt))
     return "".join(f"#define {k} {v}\n" for k, v in d.items()) + src
 
 
