@@ -171,6 +171,32 @@ def test_fp8_image_layout():
             c, p, r1, t, h = k // 128, k % 128 // 16, k % 16 // 8, k % 8 // 2, k % 2
             assert img[c, m, 16 * (p ^ m % 8) + 4 * t + 2 * h + r1] == codes[m, k]
 
+
+def test_fp8_dequant8_bytes_meet_the_image():
+    """A Python model of kernel.cu's dequant8 (its two PRMTs) on packed words: the e4m3 byte at each k32 fragment
+    position decodes to the trit whose X value fp8_image puts at that position, so wgmma pairs the right k."""
+    def prmt(x, s):  # __byte_perm(x, 0, s), selectors < 8 (no sign mode)
+        return sum(((x >> (8 * ((s >> (4 * i)) & 7))) & 0xFF if (s >> (4 * i)) & 7 < 4 else 0) << (8 * i)
+                   for i in range(4))
+
+    def dequant8(q):  # a[0..3]: (q, 0x20), (q >> 2, 0x20), (q, 0x31), (q >> 2, 0x31)
+        return [prmt(0x003800B8, prmt(v, sel) & 0x3333) for sel in (0x20, 0x31) for v in (q, q >> 2)]
+
+    gen = torch.Generator().manual_seed(15)
+    w = rand_trits(16, 128, gen)  # one tile
+    words = kernel.pack_2bit(w).reshape(-1).view(torch.int32).tolist()  # lane-major: lane * 4 + word
+    # position in row 0's 128-byte chunk of fp8_image (row 0: no swizzle) -> k, from an image of the bytes k
+    pos_k = kernel.fp8_image(torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).view(1, 128), 8)[0, 0]
+    decode = {0xB8: -1, 0x00: 0, 0x38: 1}
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for wd in range(4):
+            a0, a1, a2, a3 = dequant8(words[lane * 4 + wd] & 0xFFFFFFFF)
+            for reg, row, half in ((a0, g, 0), (a1, g + 8, 0), (a2, g, 16), (a3, g + 8, 16)):
+                for j in range(4):
+                    pos = 32 * wd + half + 4 * t + j  # the fragment's k position within the chunk
+                    assert decode[(reg >> (8 * j)) & 0xFF] == w[row, int(pos_k[pos])]
+
 # -----------------------------------------------------------------------------
 # GPU
 
