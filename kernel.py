@@ -62,7 +62,7 @@ bound (launch ~1 us + a DRAM round trip + the per-chunk dependency chain + the e
 at M <= 16, not 8x. From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmma reaches
 ~810 TFLOP/s in this kernel's main loop when the loads are left out (README, kernel results), and 0.6-1.0x
 cuBLAS with them: the cp.async loads issued by the same warps, and the CTA barrier per chunk, leave the tensor
-cores idle part of the time. wgmm8 has what that points to (bulk copies, mbarriers): 1.0-1.15 PFLOP/s without
+cores idle part of the time. wgmm8 has what that points to (bulk copies, mbarriers): 0.91-1.15 PFLOP/s without
 quant8 at M = 8192 (fp8 peak ~1.98), 1.06-1.37x cuBLAS bf16 with quant8 on the 4.2B MLP shapes from M = 512
 (README). There ncu shows the warps mostly waiting on mbarriers while L2 and DRAM are far from busy: each
 warpgroup's chain of wait, dequantise, multiply leaves the tensor cores half idle. Off Hopper, M >= 512 expands
