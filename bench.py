@@ -210,18 +210,18 @@ def nbytes(model):
 
 def ternary_kernel_ms(events):
     """(GPU ms of all kernels, of those inside the ternary matmuls) over profiler events. Inside = launched under
-    the op terdit::ternary_matmul: the fused `tmm` or `wgmm` kernel, or `dequant` and its cuBLAS gemm. If the profiler
-    did not tie the kernels to the op, falls back to kernel names (tmm, wgmm, dequant; the dequant path's gemm then counts
-    as outside)."""
+    the op terdit::ternary_matmul: the fused `tmm`, `wgmm` or `quant8` + `wgmm8` kernels, or `dequant` and its cuBLAS
+    gemm. If the profiler did not tie the kernels to the op, falls back to kernel names (the dequant path's gemm then
+    counts as outside)."""
     events = list(events)
     total = sum(e.device_time_total for e in events if e.device_type == DeviceType.CUDA)
     ops = [e for e in events if e.device_type == DeviceType.CPU and e.name == "terdit::ternary_matmul"
            and not (e.cpu_parent and e.cpu_parent.name == e.name)]
     inside = sum(e.device_time_total for e in ops)
     if inside == 0:
-        print("    (profiler: no kernels tied to terdit::ternary_matmul; counting tmm/wgmm/dequant by name)")
-        inside = sum(e.device_time_total for e in events
-                     if e.device_type == DeviceType.CUDA and e.name in ("tmm", "wgmm", "dequant"))
+        names = ("tmm", "wgmm", "quant8", "wgmm8", "dequant")
+        print(f"    (profiler: no kernels tied to terdit::ternary_matmul; counting {'/'.join(names)} by name)")
+        inside = sum(e.device_time_total for e in events if e.device_type == DeviceType.CUDA and e.name in names)
     return total / 1e3, inside / 1e3
 
 

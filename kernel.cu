@@ -9,6 +9,13 @@ __device__ __forceinline__ u32 sptr(const void* p) {
   u32 r; asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p)); return r; }
 __device__ __forceinline__ void cp16(u32 dst, const void* src, int bytes) {  // bytes=0 -> zero fill
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes)); }
+#ifdef IS_BF16
+__device__ __forceinline__ float to_f32(u32 v) {  // the low 16 bits, a value of the kernel's dtype (bf16 or fp16)
+  float f;
+  if (IS_BF16) f = __uint_as_float(v << 16); else asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)v));
+  return f;
+}
+#endif
 
 #if !defined(DEQUANT) && !defined(QUANT8)
 // one 32-bit word = 8 pairs of codes -> 8 x2 registers of {-1,0,1}: (q >> shift) & mask | MAGIC in one LOP3
@@ -34,9 +41,7 @@ __device__ __forceinline__ float bias_at(const void* b, int n) {
 #if BIAS == 2
   return ((const float*)b)[n];
 #elif BIAS == 1
-  u16 h = ((const u16*)b)[n]; float f;
-  if (IS_BF16) f = __uint_as_float((u32)h << 16); else asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
+  return to_f32(((const u16*)b)[n]);
 #else
   return 0.f;
 #endif
@@ -173,7 +178,8 @@ tmm(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
 #endif
 
 #if defined(WGMM) || defined(WGMM8)
-#define BN (64 * WGN)                  // a warpgroup owns 64 output channels
+#define NTHR (128 * WGN)               // WGN warpgroups
+#define BN (64 * WGN)                  // each owns 64 output channels
 #define LD (BN + 4)
 // Shared-memory matrix descriptor of a K-major operand with the 128-byte swizzle: start address, leading byte
 // offset (unused for this swizzle, 1 by convention), stride byte offset 1024 (8 rows of 128 bytes), mode 1 = SW128.
@@ -205,7 +211,6 @@ __device__ __forceinline__ void acc_to_red(const float* acc, float* red, int war
 // Per k16 step a warpgroup issues wgmma.m64n<BM>k16: A = its dequantised weights from registers (per warp the
 // mma.sync A fragment, which is why the packing serves both kernels), B = the X tile in shared memory, read by
 // the tensor cores through a matrix descriptor, accumulators in registers (BM/2 floats per thread).
-#define NTHR (128 * WGN)
 #define XSTAGE (BM * 256)              // X: 2 swizzle atoms of 64 k, each BM rows x 128 bytes
 #define STAGE (XSTAGE + WGN * 2048)    // then W: one 512-byte tile per warp
 
@@ -296,7 +301,6 @@ wgmm(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __re
 // warp would cost a whole warpgroup of registers: the SM hands them out per warpgroup.)
 // Per chunk a warpgroup expands its codes straight to e4m3 bytes (dequant8: -1, 0, 1 are exact in e4m3) and
 // issues 4 wgmma.m64n<BM>k32.e4m3.e4m3; alpha times the token's scale, and the bias, in the epilogue.
-#define NTHR (128 * WGN)
 #define XSTAGE (BM * 128)
 #define STAGE (XSTAGE + WGN * 2048)
 
@@ -411,14 +415,7 @@ wgmm8(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __r
 // ---------------------------------------------------------------------------------------------------------
 // X (M, 128 KC) 16-bit -> e4m3 codes in wgmm8's layout + one float32 scale per token: s = amax / 448 (448 is
 // e4m3's largest finite value), q = rn(x * (448 / amax)). One CTA per token row m < Mp; rows >= M are zeros.
-__device__ __forceinline__ float lo_f(u32 v) {
-#if IS_BF16
-  return __uint_as_float(v << 16);
-#else
-  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)v)); return f;
-#endif
-}
-__device__ __forceinline__ float hi_f(u32 v) { return lo_f(v >> 16); }
+__device__ __forceinline__ float hi_f(u32 v) { return to_f32(v >> 16); }
 __device__ __forceinline__ u32 e4m3x2(float hi, float lo) {  // lo -> byte 0, hi -> byte 1
   u16 r; asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo)); return r; }
 
@@ -433,7 +430,7 @@ extern "C" __global__ void __launch_bounds__(128) quant8(const uint4* __restrict
   auto absmax = [&](const uint4& a, const uint4& b) {
     const u32 v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-    for (int j = 0; j < 8; j++) amax = fmaxf(amax, fmaxf(fabsf(lo_f(v[j])), fabsf(hi_f(v[j]))));
+    for (int j = 0; j < 8; j++) amax = fmaxf(amax, fmaxf(fabsf(to_f32(v[j])), fabsf(hi_f(v[j]))));
   };
 #pragma unroll
   for (int j = 0; j < KEEP; j++) {
@@ -455,7 +452,7 @@ extern "C" __global__ void __launch_bounds__(128) quant8(const uint4* __restrict
     u32 r[4];
 #pragma unroll
     for (int t = 0; t < 4; t++)
-      r[t] = e4m3x2(lo_f(v[4 + t]) * inv, lo_f(v[t]) * inv) | e4m3x2(hi_f(v[4 + t]) * inv, hi_f(v[t]) * inv) << 16;
+      r[t] = e4m3x2(to_f32(v[4 + t]) * inv, to_f32(v[t]) * inv) | e4m3x2(hi_f(v[4 + t]) * inv, hi_f(v[t]) * inv) << 16;
     Q[at(p)] = make_uint4(r[0], r[1], r[2], r[3]);
   };
 #pragma unroll

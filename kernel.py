@@ -326,35 +326,37 @@ _TUNED8 = {  # as _TUNED, for fp8 activations: `python bench.py --what kernels -
 }
 
 
-def _pick8(M, N, K, sms=132):
-    """(wgmm8 config, cluster split) for fp8 activations: the tuned table, else the largest tile that still
-    gives about a CTA per SM."""
-    t = _TUNED8.get((K, N))
-    if t:
-        return t[min((m for m in t if m >= M), default=max(t))]
-    for name in ("f2x256", "f128", "f64"):
+def _tuned(table, M, N, K):
+    """A tuned table's entry for a problem (that of the smallest tuned M >= M, else of the largest), or None."""
+    t = table.get((K, N))
+    return t[min((m for m in t if m >= M), default=max(t))] if t else None
+
+
+def _widest(names, M, N, K, sms):
+    """(config, cluster split): the first of names (widest first) whose tiles give about a CTA per SM, else the
+    last; then the cluster split that fills the SMs."""
+    for name in names:
         bn, bm = _tile(name)[:2]
         if -(-N // bn) * -(-M // bm) >= sms:
             break
     return name, _split(M, N, K, name, sms)
 
 
+def _pick8(M, N, K, sms=132):
+    """(wgmm8 config, cluster split) for fp8 activations: the tuned table, else the widest tile that fills the SMs."""
+    return _tuned(_TUNED8, M, N, K) or _widest(("f2x256", "f128", "f64"), M, N, K, sms)
+
+
 def _pick(M, N, K, sms=132, wgmma=False):
     """(config, cluster split) for a problem: the tuned table, else a heuristic distilled from it. The config
     may be "dequant" (expand + cuBLAS). Off Hopper, tuned wgmma/dequant entries give way to the heuristic."""
-    t = _TUNED.get((K, N))
-    if t:
-        hit = t[min((m for m in t if m >= M), default=max(t))]
-        if wgmma or hit[0] in CONFIGS:
-            return hit
+    hit = _tuned(_TUNED, M, N, K)
+    if hit and (wgmma or hit[0] in CONFIGS):
+        return hit
     if not wgmma and _use_dequant(M, N, K):
         return "dequant", 1
-    if wgmma and M >= WGMMA_MIN_M:  # wgmma: the largest tile that still gives ~ a CTA per SM
-        for name in ("w2x128", "w2x64", "w64"):
-            bn, bm = _tile(name)[:2]
-            if -(-N // bn) * -(-M // bm) >= sms or name == "w64":
-                break
-        return name, _split(M, N, K, name, sms)
+    if wgmma and M >= WGMMA_MIN_M:
+        return _widest(("w2x128", "w2x64", "w64"), M, N, K, sms)
     if M <= 16:  # 4 K-groups per CTA; split K over a cluster only when N is too small to fill the GPU
         name = ("k8" if K < 2 * N else "k8b") if M <= 8 else "k16"
     elif M <= 64:

@@ -403,6 +403,7 @@ class TerDiT(nn.Module):
         half_out = torch.cat([uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g]), cond[:, g:]], dim=1)
         return torch.cat([half_out, half_out], dim=0)
 
+
 if __name__ == "__main__":
     for name in SIZES:
         m = build_model(name, device="meta")

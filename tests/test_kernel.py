@@ -68,7 +68,7 @@ def test_older_tile_order_roundtrip():
 
 
 def test_dispatch_names_only_existing_tiles():
-    """Every _TUNED entry names a tile that exists, and off Hopper _pick never returns a wgmma one."""
+    """Every _TUNED / _TUNED8 entry names a tile that exists, and off Hopper _pick never returns a wgmma one."""
     for (K, N), by_m in kernel._TUNED.items():
         assert all(name in kernel.CONFIGS or name in kernel.WG_CONFIGS for name, _ in by_m.values())
         for M in (1, 2, 9, 64, 100, 512, 5000, 20000):
@@ -77,6 +77,9 @@ def test_dispatch_names_only_existing_tiles():
             assert kernel._pick(M, N, K, wgmma=True)[0] in {**kernel.CONFIGS, **kernel.WG_CONFIGS}
     for M, N, K in [(1, 17, 100), (70, 333, 1100), (4096, 5000, 640)]:  # untuned shapes: the heuristic
         assert kernel._pick(M, N, K, wgmma=True)[0] in {**kernel.CONFIGS, **kernel.WG_CONFIGS}
+        assert kernel._pick8(M, N, K)[0] in kernel.WG8_CONFIGS
+    for (K, N), by_m in kernel._TUNED8.items():  # fp8 activations: wgmm8 tiles only
+        assert all(name in kernel.WG8_CONFIGS and cs in (1, 2, 4, 8) for name, cs in by_m.values())
 
 
 def test_pack_rejects_bad_input():
