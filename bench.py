@@ -16,6 +16,7 @@ served from the 50 MB L2 -- as in a real forward pass, where every layer's weigh
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -74,13 +75,27 @@ def time_graph(fn, n_calls, reps):
     return statistics.median(times)
 
 
+def gemv_candidates(M, N, K):
+    """GEMV tiles for --sweep at M <= 16: TN n16-tiles x KW warps per CTA, each warp just enough chunks for its share
+    of K (split over CS CTAs), while X's rows fit in shared memory and there are at least ~60 CTAs."""
+    kc, mt, out = math.ceil(K / 128), 1 if M <= 8 else 2, []
+    for tn, kw, cs in itertools.product((1, 2, 4), (2, 4, 8, 16), (1, 2, 4)):
+        kcz = math.ceil(kc / cs)
+        name = f"v{tn}x{kw}m{mt}c{math.ceil(kcz / kw)}"
+        if (4 <= tn * kw <= 32 and math.ceil(kcz / kw) <= 8 and (cs == 1 or kcz >= 2) and math.ceil(N / (16 * tn)) * cs >= 60
+                and kernel._gv_smem(name, M, kcz) <= 200 * 1024):
+            out.append((name, cs))
+    return out
+
+
 def candidates(M, N, K, wgmma):
     """Tile configs worth trying for --sweep (any config is correct for any M; these are the plausible ones)."""
-    names = (["s8", "k8", "k8b"] if M <= 8 else ["s16", "k16"] if M <= 16 else ["s32", "k32", "m64", "k64"] if M <= 64
-             else ["m64", "k64", "l128", "x256"] if M <= 512 else ["l128", "x256"])
+    if M <= kernel.GEMV_MAX_M:
+        return gemv_candidates(M, N, K) if wgmma else [(n, 1) for n, cs in gemv_candidates(M, N, K) if cs == 1]
+    names = (["s32", "k32", "m64", "k64"] if M <= 64 else ["m64", "k64", "l128", "x256"] if M <= 512 else ["l128", "x256"])
     if wgmma and M >= 64:  # on Hopper the wgmma tiles replace the large mma.sync ones
         names = names[:2] * (M == 64) + [n for n in kernel.WG_CONFIGS if kernel.WG_CONFIGS[n][1] <= max(64, 2 * M)]
-    splits = [1, 2] if M > 512 else [1, 2, 4, 8]
+    splits = [1] if not wgmma else [1, 2] if M > 512 else [1, 2, 4, 8]  # clusters: Hopper
     dequant = [("dequant", 1)] if M >= 512 else []  # expand + cuBLAS
     return [(n, cs) for n in names for cs in splits if cs <= math.ceil(K / 128)] + dequant
 

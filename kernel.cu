@@ -1,8 +1,8 @@
 // CUDA sources of kernel.py: read its docstring first (the bit layout, the roles of W and X, the tiling).
 // NVRTC compiles this file through CuPy once per configuration; kernel.py (_source) puts the configuration in
-// front of it as #defines and picks the kernel: TMM (mma.sync, any GPU from sm_80), WGMM (wgmma, sm_90a only),
-// DEQUANT (expand the codes to a 16-bit matrix for cuBLAS), and for fp8 activations QUANT8 (X to e4m3 per
-// token) then WGMM8 (ternary x e4m3 wgmma, sm_90a).
+// front of it as #defines and picks the kernel: TMV (the GEMV, M <= 16) and TMM (mma.sync, any GPU from sm_80),
+// WGMM (wgmma, sm_90a only), DEQUANT (expand the codes to a 16-bit matrix for cuBLAS), and for fp8 activations
+// QUANT8 (X to e4m3 per token) then WGMM8 (ternary x e4m3 wgmma, sm_90a).
 typedef unsigned int u32; typedef unsigned short u16; typedef unsigned long long u64;
 
 __device__ __forceinline__ u32 sptr(const void* p) {
@@ -29,6 +29,10 @@ __device__ __forceinline__ void dequant(u32 q, u32* a) {
     asm("fma.rn." DT "x2 %0, %1, %2, %3;" : "=r"(a[j]) : "r"(v), "r"(SC[j % PER]), "r"(BI[j % PER]));
   }
 }
+__device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." DT "." DT ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)); }
 __device__ __forceinline__ u32 word(const uint4& q, int w) { return w == 0 ? q.x : w == 1 ? q.y : w == 2 ? q.z : q.w; }
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory"); }
@@ -36,6 +40,11 @@ __device__ __forceinline__ float4 ld_rank(const float* p, int rank) {  // read a
   u32 a = sptr(p), r; float4 v;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
   asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(r));
+  return v; }
+__device__ __forceinline__ float ld_rank1(const float* p, int rank) {
+  u32 r; float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(sptr(p)), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r));
   return v; }
 __device__ __forceinline__ float bias_at(const void* b, int n) {
 #if BIAS == 2
@@ -83,16 +92,11 @@ __device__ __forceinline__ void store_tile(const float* red, float al, const voi
 
 #ifdef TMM
 // ---------------------------------------------------------------------------------------------------------
-// mma.sync (m16n8k16): small M, and GPUs without wgmma
+// mma.sync (m16n8k16): M from 17 to what wgmma takes (or any M without wgmma)
 #define NTHR (32 * WN * WM * WK)
 #define BN (16 * WNT * WN)
 #define BM (8 * WMT * WM)
 #define LD (BN + 4)  // fp32 epilogue tile row stride: +4 floats keeps the fragment stores conflict-free
-
-__device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32." DT "." DT ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)); }
 
 extern "C" __global__ void __launch_bounds__(NTHR) CLUSTER
 tmm(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __restrict__ alpha,
@@ -173,6 +177,104 @@ tmm(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
     }
   if (CS > 1) cluster_sync(); else __syncthreads();
   store_tile<BM, BN, WK, LD, NTHR>((const float*)smem, al, bias, Y, M, N, m0, tn0 * 16, z, tid);
+  if (CS > 1) cluster_sync();  // keep our smem alive until every CTA of the cluster has read it
+}
+#endif
+
+#ifdef TMV
+// ---------------------------------------------------------------------------------------------------------
+// GEMV, M <= 8*MT tokens. Here latency sets the time, not bandwidth or FLOPs, so there is no pipeline and little
+// code: each warp's first instructions load all its weight words into registers (per k128 chunk one 16-byte load
+// per lane, which is the warp's A fragments), the CTA copies the M rows of X to shared memory once, each warp
+// multiplies its chunks, the CTA sums its warps. A CTA = TN n16-tiles x KW warps along K, a warp up to CPW
+// chunks; a CTA covers all of K, or 1/CS of it with the partial tiles summed over a cluster as in tmm.
+#define NTHR (32 * TN * KW)
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {  // read once: not kept in L1
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v; }
+
+extern "C" __global__ void __launch_bounds__(NTHR) CLUSTER
+tmv(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __restrict__ alpha,
+    const void* __restrict__ bias, u16* __restrict__ Y, int M, int N, int KC, int NT16) {
+  extern __shared__ uint4 smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, z = blockIdx.z;
+  const int tw = warp % TN, kw = warp / TN, tn = min((int)blockIdx.x * TN + tw, NT16 - 1);
+  const int KCZ = (KC + CS - 1) / CS, cz = z * KCZ, ncz = min(KC - cz, KCZ);  // the CTA's chunks: cz, cz+1, ..
+  const int cw = kw * CPW, nw = max(0, min(ncz - cw, CPW));                 // the warp's: cz+cw, .. (nw of them)
+  uint4 wq[CPW];
+  const uint4* wp = W + ((size_t)tn * KC + cz + cw) * 32 + lane;
+#pragma unroll
+  for (int j = 0; j < CPW; j++) wq[j] = j < nw ? ldg_stream(wp + j * 32) : make_uint4(0, 0, 0, 0);
+  const float al = *alpha;
+
+  // shared memory: red[KW][TN][MT][4][32] fp32 partials | X[m][chunk][16 pieces], piece ^= m % 8 (as in tmm)
+  float* red = (float*)smem;
+  const u32 xs = sptr(smem + KW * TN * MT * 32);
+#pragma unroll 1
+  for (int m = 0; m < M; m++)
+#pragma unroll 1
+    for (int r = tid; r < ncz * 16; r += NTHR)  // r = 16 * chunk + piece
+      cp16(xs + (m * KCZ * 16 + (r & ~15) + ((r & 15) ^ (m & 7))) * 16, X + ((size_t)m * KC + cz) * 16 + r, 16);
+  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+  __syncthreads();
+
+  // ldmatrix.x4 as in tmm. Lanes of tokens m >= M read row M-1 instead: those outputs are never stored, and
+  // each token's column of the mma is independent of the others.
+  const int jq = lane >> 3;
+  u32 xrow[MT], sw[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+    const int m = min(8 * mt + (lane & 7), M - 1);
+    xrow[mt] = xs + (m * KCZ + cw) * 256;
+    sw[mt] = m & 7;
+  }
+  float acc[4][MT][4];  // 4 independent mma chains
+#pragma unroll
+  for (int p = 0; p < 4 * MT * 4; p++) (&acc[0][0][0])[p] = 0.f;
+#pragma unroll
+  for (int j = 0; j < CPW; j++) {
+    if (j >= nw) break;
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+      u32 xq[MT][4], f[8];
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++) {
+        const u32 a = xrow[mt] + j * 256 + ((4 * w + jq) ^ sw[mt]) * 16;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(xq[mt][0]), "=r"(xq[mt][1]), "=r"(xq[mt][2]), "=r"(xq[mt][3]) : "r"(a));
+      }
+      dequant(word(wq[j], w), f);
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++) {
+        mma(acc[(2 * w) & 3][mt], f, xq[mt][0], xq[mt][1]);
+        mma(acc[(2 * w + 1) & 3][mt], f + 4, xq[mt][2], xq[mt][3]);
+      }
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+      red[((kw * TN + tw) * MT + mt) * 128 + r * 32 + lane] = acc[0][mt][r] + acc[1][mt][r] + acc[2][mt][r] + acc[3][mt][r];
+  if (CS > 1) cluster_sync(); else __syncthreads();
+
+  // element e = (tile, mt, r, lane) of the CTA's tiles: sum over the KW warps (and the CS CTAs), scale, store
+  const int E = TN * MT * 128, e1 = E * (z + 1) / CS;
+  for (int e = E * z / CS + tid; e < e1; e += NTHR) {
+    float v = 0.f;
+#pragma unroll 1
+    for (int q = 0; q < CS; q++)
+#pragma unroll
+      for (int k = 0; k < KW; k++) v += CS > 1 ? ld_rank1(red + k * E + e, q) : red[k * E + e];
+    const int ln = e & 31, r = (e >> 5) & 3, mt = (e >> 7) % MT, t16 = e / (128 * MT);
+    const int n = ((int)blockIdx.x * TN + t16) * 16 + (ln >> 2) + 8 * (r >> 1), m = 8 * mt + 2 * (ln & 3) + (r & 1);
+    if (m < M && n < N) {
+      u16 o;
+      asm("cvt.rn." DT ".f32 %0, %1;" : "=h"(o) : "f"(v * al + bias_at(bias, n)));
+      Y[(size_t)m * N + n] = o;
+    }
+  }
   if (CS > 1) cluster_sync();  // keep our smem alive until every CTA of the cluster has read it
 }
 #endif

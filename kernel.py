@@ -29,12 +29,16 @@ Hopper this is also what wgmma wants: its A operand may come from registers (whe
 come from shared memory; and a warpgroup's wgmma A fragment is four warps' mma.sync A fragments stacked, so
 one packing serves both kernels.
 
-Three kernels (kernel.cu), all streaming weights (2-bit) and X through a 3-8 stage ring in shared memory,
-alpha (a device scalar) and the bias applied in the epilogue:
-  tmm (mma.sync m16n8k16, any GPU from sm_80): small M. A CTA owns a BN x BM block of Y; warps are laid out
-    WN x WM x WK: WK > 1 warp groups take different k128 chunks of each stage, so a CTA's chunks are consumed
-    in parallel rather than one after another (what matters at small M, where everything is latency). X is
-    XOR-swizzled in shared memory (16-byte piece ^ row%8) and read with ldmatrix.x4, conflict-free.
+Four kernels (kernel.cu), alpha (a device scalar) and the bias applied in the epilogue:
+  tmv (mma.sync, any GPU from sm_80): the GEMV, M <= 16 (adaLN: M = 2 x batch). Latency sets its time, so
+    it has no pipeline and little code: each warp's first instructions load all its weight words into
+    registers (one 16-byte load per lane and k128 chunk is exactly the warp's A fragments), the CTA copies
+    the M rows of X into shared memory once (XOR-swizzled: 16-byte piece ^ row%8, read with ldmatrix.x4,
+    conflict-free), each warp multiplies its chunks, the CTA sums its warps. A CTA = TN n16-tiles x KW warps
+    along K; it covers all of K (or 1/CS of it, over a cluster as below), so nothing waits on a ring slot.
+  tmm (mma.sync m16n8k16, any GPU from sm_80): M = 17..63 on Hopper, from M = 17 elsewhere. Weights and X
+    stream through a 3-8 stage cp.async ring in shared memory; a CTA owns a BN x BM block of Y; warps are laid
+    out WN x WM x WK: WK > 1 warp groups take different k128 chunks of each stage.
   wgmm (wgmma, sm_90a): M >= 64 on Hopper. WGN warpgroups each own 64 channels. Per k128 chunk a warpgroup
     dequantises its weights (4 registers per k16 step), then issues 8 asynchronous wgmma.m64n<BM>k16 whose B,
     the X tile, the tensor cores read from shared memory through a matrix descriptor (the canonical K-major
@@ -50,16 +54,19 @@ alpha (a device scalar) and the bias applied in the epilogue:
     register turn 4 codes into 4 e4m3 bytes; wgmma.m64n<BM>k32.e4m3 runs at twice the bf16 rate; the
     epilogue multiplies by alpha and the token's scale.
 When (N/BN)*(M/BM) CTAs cannot fill the SMs, K is also split over a thread-block *cluster* of CS = 2..8 CTAs
-whose partial tiles are summed through distributed shared memory (mapa + ld.shared::cluster): one launch, no
-workspace, memset or atomics, deterministic, CUDA-graph safe. CONFIGS / WG_CONFIGS / WG8_CONFIGS list the
-tiles; _TUNED / _TUNED8 hold the fastest (config, CS) per shape and M measured with `python bench.py --sweep`
-(`--act fp8`); _pick / _pick8 fall back to a heuristic.
+(Hopper) whose partial tiles are summed through distributed shared memory (mapa + ld.shared::cluster): one
+launch, no workspace, memset or atomics, deterministic, CUDA-graph safe. CONFIGS / WG_CONFIGS / WG8_CONFIGS
+list the tiles (GEMV tiles are named by their parameters); _TUNED / _TUNED8 hold the fastest (config, CS) per
+shape and M measured with `python bench.py --sweep` (`--act fp8`); _pick / _pick8 fall back to a heuristic.
 
 What limits it (H200: 4.8 TB/s, ~990 TFLOP/s dense bf16; cuBLAS reaches ~800 on these shapes). At K=N=3072
 the bf16 weights are 18.9 MB, the 2-bit ones 2.4 MB: 8x fewer bytes. Each token adds 2*K*N FLOPs but no
-weight bytes, so a 2-bit kernel is compute bound from M ~ 25 (bf16: M ~ 200). At small M the kernel is latency
-bound (launch ~1 us + a DRAM round trip + the per-chunk dependency chain + the epilogue): 1.3-2.1x over cuBLAS
-at M <= 16, not 8x. From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmma reaches
+weight bytes, so a 2-bit kernel is compute bound from M ~ 25 (bf16: M ~ 200). At small M it is latency bound,
+not 8x faster: per-CTA timers (globaltimer) on an H200 at K = N = 3072, M = 1 put the CTAs' partial sums in
+shared memory 2.3 us after they start (the first cold DRAM read alone takes ~0.6-0.9 us, the 2.4 MB ~0.6 us
+more, the dequantisation ~0.3 us of the GPU's issue slots), then 0.3 us to sum and store, plus ~0.5 us of launch
+per graph node: 3.5 us against cuBLAS's 9.3-10.3 (2.7-3.0x; tmm, with its ring, cluster barriers and 4x the
+code, took 4.8). From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmma reaches
 ~810 TFLOP/s in this kernel's main loop when the loads are left out (README, kernel results), and 0.6-1.0x
 cuBLAS with them: the cp.async loads issued by the same warps, and the CTA barrier per chunk, leave the tensor
 cores idle part of the time. wgmm8 has what that points to (bulk copies, mbarriers): 0.91-1.15 PFLOP/s without
@@ -71,6 +78,7 @@ the codes to a transient 16-bit matrix for cuBLAS instead (below).
 
 import functools
 import os
+import re
 import warnings
 from typing import Optional
 
@@ -189,11 +197,19 @@ _CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cu")
 # BM = 8*WMT*WM tokens; WN x WM x WK warps (WK warp groups split each stage's K), ST pipeline stages, NACC
 # accumulator sets
 CONFIGS = {
-    "s8": (1, 1, 4, 1, 1, 8, 4), "s16": (1, 2, 4, 1, 1, 8, 2), "s32": (1, 4, 4, 1, 1, 6, 2),
-    "k8": (1, 1, 2, 1, 4, 4, 2), "k8b": (1, 1, 4, 1, 2, 4, 2), "k16": (1, 2, 2, 1, 4, 4, 2),
-    "k32": (1, 4, 2, 1, 4, 3, 1), "k64": (2, 4, 2, 2, 2, 3, 1),
+    "s32": (1, 4, 4, 1, 1, 6, 2), "k32": (1, 4, 2, 1, 4, 3, 1), "k64": (2, 4, 2, 2, 2, 3, 1),
     "m64": (2, 4, 2, 2, 1, 4, 1), "l128": (4, 8, 2, 2, 1, 3, 1), "x256": (4, 8, 4, 2, 1, 4, 1),
 }
+# GEMV tiles (tmv, M <= 16) are named by their parameters, "v<TN>x<KW>m<MT>c<CPW>": a CTA of TN n16-tiles x KW
+# warps along K, up to 8*MT tokens, a warp up to CPW k128 chunks in registers (a CTA takes K <= 128*KW*CPW, a
+# cluster of CS CTAs CS times that). Their best shape depends on K, so the tuned table spells them out.
+GEMV_MAX_M = 16
+
+
+def _gv(name):
+    """(TN, KW, MT, CPW) of a GEMV tile name, or None for other names."""
+    m = re.fullmatch(r"v(\d+)x(\d+)m([12])c(\d+)", name)
+    return tuple(int(v) for v in m.groups()) if m else None
 # wgmma tiles (sm_90a), name: (WGN, BM, ST, MINB) -> BN = 64*WGN channels x BM tokens, WGN warpgroups, ST stages,
 # MINB CTAs per SM: a warpgroup waits for its own wgmmas, so the SM needs several warpgroups to keep the tensor
 # cores busy. The survivors of a wider sweep on an H200 (BM = 192, 256; 4 warpgroups; deeper rings won nowhere).
@@ -205,6 +221,9 @@ WG8_CONFIGS = {"f64": (1, 64, 6, 3), "f128": (1, 128, 4, 3), "f2x128": (2, 128, 
 
 def _tile(name):
     """(BN, BM, threads, dynamic shared memory bytes) of a config."""
+    if _gv(name):
+        tn, kw, mt, cpw = _gv(name)
+        return 16 * tn, 8 * mt, 32 * tn * kw, _gv_smem(name, 8 * mt, kw * cpw)
     if name in WG_CONFIGS or name in WG8_CONFIGS:
         fp8 = name in WG8_CONFIGS
         wgn, bm, st, _ = (WG8_CONFIGS if fp8 else WG_CONFIGS)[name]
@@ -214,6 +233,12 @@ def _tile(name):
     wnt, wmt, wn, wm, wk, st, _ = CONFIGS[name]
     bn, bm, nthr = 16 * wnt * wn, 8 * wmt * wm, 32 * wn * wm * wk
     return bn, bm, nthr, max(st * wk * (bn * 32 + bm * 256), wk * bm * (bn + 4) * 4)
+
+
+def _gv_smem(name, M, kcz):
+    """Shared memory of a GEMV tile for M tokens and kcz chunks per CTA: fp32 partials, then X's rows."""
+    tn, kw, mt, _ = _gv(name)
+    return kw * tn * mt * 512 + M * kcz * 256
 
 
 def _magic_consts(bf16):
@@ -252,6 +277,8 @@ def _source(kind, name=None, cs=1, bf16=True, bias=0):
                  BIAS=bias, CLUSTER=f"__cluster_dims__(1, 1, {cs})" if cs > 1 else "")
     if kind == "TMM":
         d.update(zip(("WNT", "WMT", "WN", "WM", "WK", "ST", "NACC"), CONFIGS[name]))
+    if kind == "TMV":
+        d.update(zip(("TN", "KW", "MT", "CPW"), _gv(name)))
     if kind in ("WGMM", "WGMM8"):
         d.update(zip(("WGN", "BM", "ST", "MINB"), (WG_CONFIGS if kind == "WGMM" else WG8_CONFIGS)[name]))
     with open(_CU) as f:
@@ -267,13 +294,14 @@ def _kernel(name, cs, bf16, bias, device):
     """Compile (NVRTC) and cache one config; must first run outside CUDA-graph capture."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("kernel.py: call ternary_matmul once eagerly (to compile) before graph capture")
-    kind, fn = ("WGMM", "wgmm") if name in WG_CONFIGS else ("WGMM8", "wgmm8") if name in WG8_CONFIGS else ("TMM", "tmm")
-    options = ("-std=c++17", "-arch=sm_90a") if kind != "TMM" else ("-std=c++17",)  # wgmma exists only on sm_90a
+    kind, fn = (("WGMM", "wgmm") if name in WG_CONFIGS else ("WGMM8", "wgmm8") if name in WG8_CONFIGS
+                else ("TMV", "tmv") if _gv(name) else ("TMM", "tmm"))
+    options = ("-std=c++17", "-arch=sm_90a") if kind.startswith("WGMM") else ("-std=c++17",)  # wgmma: sm_90a only
     with cp.cuda.Device(device):
         k = cp.RawModule(code=_source(kind, name, cs, bf16, bias), options=options).get_function(fn)
-        nthr, smem = _tile(name)[2:]
+        nthr, smem = _tile(name)[2:]  # a GEMV tile's is its most (16 tokens); _launch checks what it uses
         if smem > 48 * 1024:
-            k.max_dynamic_shared_size_bytes = smem
+            k.max_dynamic_shared_size_bytes = min(smem, torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
     if k.max_threads_per_block < nthr:
         raise RuntimeError(f"kernel.py: config {name} compiled to {k.num_regs} registers per thread, too many for "
                            f"{nthr} threads per CTA on this GPU")
@@ -293,24 +321,24 @@ def _gpu(device):
 # won nowhere); a problem uses the entry of the smallest tuned M >= its M. wgmma entries apply on Hopper only
 # (_pick falls back to its heuristic elsewhere).
 _TUNED = {
-    (1536, 1536): {1: ('k8b', 4), 8: ('k8', 1), 16: ('k16', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (1536, 4096): {1: ('k8', 1), 8: ('k8', 1), 16: ('k16', 1), 64: ('w64', 2), 256: ('w64', 1), 512: ('w2x128', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (4096, 1536): {1: ('k8b', 8), 8: ('k8b', 8), 16: ('k16', 4), 64: ('w64', 8), 256: ('w2x64', 4), 512: ('w64', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (1024, 9216): {1: ('k8', 1), 8: ('k8', 1), 16: ('s16', 2), 64: ('w64', 1), 256: ('w64', 1), 512: ('w64', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (3072, 3072): {1: ('k8b', 4), 8: ('k8b', 4), 16: ('s16', 8), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 1), 2048: ('w2x128', 2), 8192: ('w2x128', 1)},
-    (3072, 8192): {1: ('k8b', 2), 8: ('k8b', 2), 16: ('k16', 1), 64: ('w64', 2), 256: ('w2x128', 2), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (8192, 3072): {1: ('k8b', 4), 8: ('k8b', 4), 16: ('s16', 8), 64: ('w64', 4), 256: ('w64', 2), 512: ('w2x128', 2), 2048: ('w2x128', 2), 8192: ('w2x128', 1)},
-    (1024, 18432): {1: ('k8b', 1), 8: ('k8b', 1), 16: ('s16', 1), 64: ('w64', 1), 256: ('w64', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (1152, 1152): {1: ('k8b', 4), 8: ('k8b', 4), 16: ('k16', 1), 64: ('w64', 4), 256: ('w64', 1), 512: ('w64', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1536, 1536): {1: ('v1x4m1c3', 1), 8: ('v1x16m1c1', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1536, 4096): {1: ('v2x4m1c3', 1), 8: ('v2x4m1c3', 1), 16: ('v2x4m2c3', 1), 64: ('w64', 2), 256: ('w64', 1), 512: ('w2x128', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (4096, 1536): {1: ('v1x8m1c4', 1), 8: ('v1x16m1c2', 1), 16: ('v1x8m2c4', 1), 64: ('w64', 8), 256: ('w2x64', 4), 512: ('w64', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1024, 9216): {1: ('v1x4m1c2', 1), 8: ('v2x4m1c2', 1), 16: ('v2x2m2c4', 1), 64: ('w64', 1), 256: ('w64', 1), 512: ('w64', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (3072, 3072): {1: ('v1x8m1c3', 1), 8: ('v2x8m1c3', 1), 16: ('v2x4m2c6', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 1), 2048: ('w2x128', 2), 8192: ('w2x128', 1)},
+    (3072, 8192): {1: ('v1x8m1c3', 1), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w64', 2), 256: ('w2x128', 2), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (8192, 3072): {1: ('v1x16m1c4', 1), 8: ('v2x8m1c8', 1), 16: ('v4x4m2c8', 2), 64: ('w64', 4), 256: ('w64', 2), 512: ('w2x128', 2), 2048: ('w2x128', 2), 8192: ('w2x128', 1)},
+    (1024, 18432): {1: ('v1x4m1c2', 1), 8: ('v1x4m1c2', 1), 16: ('v2x2m2c4', 1), 64: ('w64', 1), 256: ('w64', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1152, 1152): {1: ('v1x8m1c2', 1), 8: ('v1x8m1c2', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 1), 512: ('w64', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
 }
 WGMMA_MIN_M = 64  # from here on Hopper the wgmma kernel (the heuristic's threshold; _TUNED may say otherwise)
 
 
-def _split(M, N, K, name, sms, small=False):
+def _split(M, N, K, name, sms):
     """Cluster split of K: the smallest power of two that (nearly) fills the SMs, at most 8."""
     bn, bm = _tile(name)[:2]
     tiles, kc, cs = -(-N // bn) * -(-M // bm), -(-K // 128), 1
-    while cs < 8 and 2 * cs <= kc and tiles * cs < sms and not small:
+    while cs < 8 and 2 * cs <= kc and tiles * cs < sms:
         cs *= 2
     return cs
 
@@ -347,25 +375,37 @@ def _pick8(M, N, K, sms=132):
     return _tuned(_TUNED8, M, N, K) or _widest(("f2x256", "f128", "f64"), M, N, K, sms)
 
 
+def _gemv(M, K, clusters):
+    """Untuned GEMV tile for M <= 16: one n16-tile x 8 warps per CTA (the most common winner of the sweep), K split
+    over a cluster while X's rows would take more than 96 KB of shared memory; None when K is too long for it."""
+    kc, cs = -(-K // 128), 1
+    while clusters and cs < 8 and M * -(-kc // cs) * 256 > 96 * 1024:
+        cs *= 2
+    kcz = -(-kc // cs)
+    name = f"v1x8m{1 if M <= 8 else 2}c{-(-kcz // 8)}"
+    return (name, cs) if kcz <= 64 and _gv_smem(name, M, kcz) <= 200 * 1024 else None
+
+
 def _pick(M, N, K, sms=132, wgmma=False):
     """(config, cluster split) for a problem: the tuned table, else a heuristic distilled from it. The config
-    may be "dequant" (expand + cuBLAS). Off Hopper, tuned wgmma/dequant entries give way to the heuristic."""
+    may be "dequant" (expand + cuBLAS). Off Hopper, tuned wgmma/dequant/cluster entries give way to the heuristic,
+    which then splits no K over clusters (sm_90 and later)."""
     hit = _tuned(_TUNED, M, N, K)
-    if hit and (wgmma or hit[0] in CONFIGS):
+    if hit and (wgmma or (hit[0] in CONFIGS or _gv(hit[0])) and hit[1] == 1):
         return hit
     if not wgmma and _use_dequant(M, N, K):
         return "dequant", 1
     if wgmma and M >= WGMMA_MIN_M:
         return _widest(("w2x128", "w2x64", "w64"), M, N, K, sms)
-    if M <= 16:  # 4 K-groups per CTA; split K over a cluster only when N is too small to fill the GPU
-        name = ("k8" if K < 2 * N else "k8b") if M <= 8 else "k16"
-    elif M <= 64:
+    if M <= GEMV_MAX_M and _gemv(M, K, wgmma):
+        return _gemv(M, K, wgmma)
+    if M <= 64:
         name = "k32" if K <= 1536 else "m64"
     elif M <= 512:
         name = "m64" if N * K <= 1536 * 1536 else "l128"
     else:
         name = "x256" if N % 256 == 0 else "l128"
-    return name, _split(M, N, K, name, sms, small=M <= 16 and K < 2 * N)
+    return name, _split(M, N, K, name, sms) if wgmma else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -387,6 +427,12 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
     if x2.numel() >= 2 ** 35:  # wgmm indexes X in 32-bit units of 16 bytes
         raise ValueError(f"x has {x2.numel()} elements: ternary_matmul takes fewer than 2^35 per call; split the batch")
     bn, bm, nthr, smem = _tile(name)
+    if _gv(name):  # the GEMV's shared memory holds X's M rows of the CTA's chunks
+        kcz, (_, kw, _, cpw) = -(-Kp // 128 // cs), _gv(name)
+        smem = _gv_smem(name, M, kcz)
+        if M > bm or kcz > kw * cpw or smem > torch.cuda.get_device_properties(y.device).shared_memory_per_block_optin:
+            raise ValueError(f"GEMV tile {name}/cs{cs} takes M <= {bm}, K <= {128 * kw * cpw * cs} and X's rows in "
+                             f"shared memory ({smem} bytes here), got M={M}, K={K}")
     k = _kernel(name, cs, y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), y.device.index)
     nt16 = _padded(N, K)[0] // 16
     ptrs = (packed.data_ptr(), x2.data_ptr()) + (() if scales is None else (scales.data_ptr(),)) + (

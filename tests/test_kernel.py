@@ -6,6 +6,7 @@ Tests for kernel.py: the 2-bit packing and the fused ternary matmul against plai
 The CPU part always runs (a few seconds). The GPU part needs CUDA + cupy; it checks the fused kernel
 against a float32 reference on the same bf16/fp16-rounded inputs, with the output poisoned (NaN) first.
 """
+import math
 import os
 import sys
 
@@ -67,19 +68,46 @@ def test_older_tile_order_roundtrip():
         assert torch.equal(kernel.unpack_2bit(v1, N, K, perm=kernel._PERM_V1), w)
 
 
+def gemv_fits(name, cs, M, K):
+    """A GEMV tile takes the problem: M tokens, K in its warps' registers, X's rows in shared memory."""
+    tn, kw, mt, cpw = kernel._gv(name)
+    kcz = -(-K // 128 // cs)
+    return M <= 8 * mt and kcz <= kw * cpw and kernel._gv_smem(name, M, kcz) <= 227 * 1024
+
+
 def test_dispatch_names_only_existing_tiles():
-    """Every _TUNED / _TUNED8 entry names a tile that exists, and off Hopper _pick never returns a wgmma one."""
+    """Every _TUNED / _TUNED8 entry names a tile that exists (a GEMV tile: one that takes the shape), and off Hopper
+    _pick never returns a wgmma tile or a cluster split."""
+    tile = lambda name: name in kernel.CONFIGS or name in kernel.WG_CONFIGS or kernel._gv(name) is not None
     for (K, N), by_m in kernel._TUNED.items():
-        assert all(name in kernel.CONFIGS or name in kernel.WG_CONFIGS for name, _ in by_m.values())
-        for M in (1, 2, 9, 64, 100, 512, 5000, 20000):
+        assert all(tile(name) for name, _ in by_m.values())
+        assert all(gemv_fits(name, cs, M, K) for M, (name, cs) in by_m.items() if kernel._gv(name))
+        for M in (1, 2, 9, 16, 17, 64, 100, 512, 5000, 20000):
             name, cs = kernel._pick(M, N, K, wgmma=False)
-            assert (name in kernel.CONFIGS or name == "dequant") and cs in (1, 2, 4, 8)
-            assert kernel._pick(M, N, K, wgmma=True)[0] in {**kernel.CONFIGS, **kernel.WG_CONFIGS}
+            assert (name in kernel.CONFIGS or name == "dequant" or kernel._gv(name)) and cs == 1
+            name, cs = kernel._pick(M, N, K, wgmma=True)
+            assert tile(name) and cs in (1, 2, 4, 8)
+            assert (M <= kernel.GEMV_MAX_M) == (kernel._gv(name) is not None)
+            assert not kernel._gv(name) or gemv_fits(name, cs, M, K)
     for M, N, K in [(1, 17, 100), (70, 333, 1100), (4096, 5000, 640)]:  # untuned shapes: the heuristic
-        assert kernel._pick(M, N, K, wgmma=True)[0] in {**kernel.CONFIGS, **kernel.WG_CONFIGS}
+        assert tile(kernel._pick(M, N, K, wgmma=True)[0])
         assert kernel._pick8(M, N, K)[0] in kernel.WG8_CONFIGS
     for (K, N), by_m in kernel._TUNED8.items():  # fp8 activations: wgmm8 tiles only
         assert all(name in kernel.WG8_CONFIGS and cs in (1, 2, 4, 8) for name, cs in by_m.values())
+
+
+@pytest.mark.parametrize("wgmma", [False, True])
+def test_gemv_heuristic_takes_every_small_problem(wgmma):
+    """Untuned shapes at M <= 16: a GEMV tile that takes the problem (K split over a cluster on Hopper when X's
+    rows are long), else, for K too long for it (off Hopper: X's rows too long for one CTA), an mma.sync tile."""
+    for M in (1, 2, 7, 8, 9, 16):
+        for K in (1, 100, 129, 1000, 4000, 8192, 20000, 70000):
+            name, cs = kernel._pick(M, 77, K, wgmma=wgmma)
+            if kernel._gv(name):
+                assert gemv_fits(name, cs, M, K) and cs in ((1, 2, 4, 8) if wgmma else (1,))
+            else:
+                assert name in kernel.CONFIGS and (K > 8192 or not wgmma and M * K * 2 > 200 * 1024)
+    assert kernel._gv("v2x4m1c3") == (2, 4, 1, 3) and kernel._gv("w64") is None and kernel._gv("v2x4m3c1") is None
 
 
 def test_pack_rejects_bad_input():
@@ -286,6 +314,35 @@ def test_every_config_poisoned():
                 check(y, ref)
 
 
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_every_tile_poisoned(dtype):
+    """The GEMV kernel (M <= 16): tiles of 1-4 n16-tiles x 2-16 warps, 8 or 16 tokens, K split over 1/2/4 CTAs
+    (on Hopper), with and without bias, awkward M, N, K, straight through _launch into NaN-filled outputs."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    splits = (1, 2, 4) if kernel._gpu(torch.cuda.current_device())[1] else (1,)
+    for (K, N) in [(1000, 200), (129, 17), (3072, 3072), (8192, 48)]:
+        Kp, kc = kernel._padded(N, K)[1], kernel._padded(N, K)[1] // 128
+        w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
+        alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
+        packed = kernel.pack_2bit(w)
+        for M, tn, kw, cs in [(1, 1, 8, 1), (2, 2, 4, 2), (5, 4, 2, 1), (8, 1, 16, 4), (8, 1, 4, 1), (9, 2, 8, 1),
+                              (13, 1, 4, 2), (16, 4, 4, 1), (16, 1, 2, 4)]:
+            name = f"v{tn}x{kw}m{1 if M <= 8 else 2}c{math.ceil(math.ceil(kc / cs) / kw)}"
+            if cs not in splits or -(-kc // cs) < cs or not gemv_fits(name, cs, M, K):
+                continue
+            x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
+            xp = torch.nn.functional.pad(x, (0, Kp - K))
+            for bias in (None, torch.randn(N, device="cuda", generator=gen).to(dtype)):
+                ref = reference(x, w, alpha) + (0 if bias is None else bias.float())
+                y = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+                kernel._launch(xp, packed, alpha, y, N, K, name, cs, bias)
+                check(y, ref)
+    with pytest.raises(ValueError, match="GEMV tile"):  # a tile that cannot take the problem says so
+        kernel.ternary_matmul(x[:1].repeat(17, 1), packed, alpha, N, K, config=("v1x8m2c8", 1))
+
+
 def fp8_reference(x, packed, alpha, N, K, bias=None):
     """ternary_matmul_ref(fp8=True) in float32 on the GPU: the same codes, the products summed exactly."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -348,7 +405,7 @@ def test_bias_in_the_epilogue(dtype):
         packed = kernel.pack_2bit(w)
         for bias in (torch.randn(N, device="cuda", generator=gen), torch.randn(N, device="cuda", generator=gen).to(dtype)):
             ref = reference(x, w, alpha) + bias.float()
-            for config in [None, ("k16", 2)] + [(c, 1) for c in all_configs() if c.startswith("w")][:2]:
+            for config in [None, ("k32", 2)] + [(c, 1) for c in all_configs() if c.startswith("w")][:2]:
                 poison_allocator(M * N * 2)
                 check(kernel.ternary_matmul(x, packed, alpha, N, K, bias=bias, config=config), ref)
 
