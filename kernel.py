@@ -65,8 +65,8 @@ weight bytes, so a 2-bit kernel is compute bound from M ~ 25 (bf16: M ~ 200). At
 not 8x faster: per-CTA timers (globaltimer) on an H200 at K = N = 3072, M = 1 put the CTAs' partial sums in
 shared memory 2.3 us after they start (the first cold DRAM read alone takes ~0.6-0.9 us, the 2.4 MB ~0.6 us
 more, the dequantisation ~0.3 us of the GPU's issue slots), then 0.3 us to sum and store, plus ~0.5 us of launch
-per graph node: 3.5 us against cuBLAS's 9.3-10.3 (2.7-3.0x; tmm, with its ring, cluster barriers and 4x the
-code, took 4.8). From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmma reaches
+per graph node: 3.5-3.6 us against cuBLAS's 9.3-10.3 (2.7-2.9x; tmm, with its ring, cluster barriers and 4x
+the code, took 4.8). From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmma reaches
 ~810 TFLOP/s in this kernel's main loop when the loads are left out (README, kernel results), and 0.6-1.0x
 cuBLAS with them: the cp.async loads issued by the same warps, and the CTA barrier per chunk, leave the tensor
 cores idle part of the time. wgmm8 has what that points to (bulk copies, mbarriers): 0.91-1.15 PFLOP/s without
