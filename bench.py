@@ -90,8 +90,9 @@ def gemv_candidates(M, N, K):
 
 def candidates(M, N, K, wgmma):
     """Tile configs worth trying for --sweep (any config is correct for any M; these are the plausible ones)."""
-    if M <= kernel.GEMV_MAX_M:
-        return gemv_candidates(M, N, K) if wgmma else [(n, 1) for n, cs in gemv_candidates(M, N, K) if cs == 1]
+    gemv = [(n, cs) for n, cs in gemv_candidates(M, N, K) if wgmma or cs == 1] if M <= kernel.GEMV_MAX_M else []
+    if gemv:  # clusters: Hopper
+        return gemv
     names = (["s32", "k32", "m64", "k64"] if M <= 64 else ["m64", "k64", "l128", "x256"] if M <= 512 else ["l128", "x256"])
     if wgmma and M >= 64:  # on Hopper the wgmma tiles replace the large mma.sync ones
         names = names[:2] * (M == 64) + [n for n in kernel.WG_CONFIGS if kernel.WG_CONFIGS[n][1] <= max(64, 2 * M)]

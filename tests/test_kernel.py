@@ -110,6 +110,19 @@ def test_gemv_heuristic_takes_every_small_problem(wgmma):
     assert kernel._gv("v2x4m1c3") == (2, 4, 1, 3) and kernel._gv("w64") is None and kernel._gv("v2x4m3c1") is None
 
 
+def test_sweep_gemv_candidates_take_their_problems():
+    """bench.py --sweep's candidates at M <= 16: GEMV tiles that take the problem (off Hopper: no clusters, and
+    mma.sync tiles where X's rows are too long for one CTA)."""
+    import bench
+    for M in (1, 8, 16):
+        for K, N in [(K, N) for _, _, K, N in bench.SHAPES]:
+            for wgmma in (False, True):
+                cands = bench.candidates(M, N, K, wgmma)
+                gemv = [(n, cs) for n, cs in cands if kernel._gv(n)]
+                assert gemv or not wgmma and cands and all(n in kernel.CONFIGS for n, _ in cands)
+                assert all(gemv_fits(n, cs, M, K) for n, cs in gemv) and (wgmma or all(cs == 1 for _, cs in cands))
+
+
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError):
         kernel.pack_2bit(torch.full((4, 4), 2, dtype=torch.int8))
