@@ -115,7 +115,7 @@ def bench_kernels(args):
     gen = torch.Generator(device=dev).manual_seed(0)
     Ms = [int(m) for m in args.m.split(",")]
     rows, sweep = [], []
-    sms, wgmma = kernel._gpu(dev.index or 0)
+    sms, wgmma, _ = kernel._gpu(dev.index or 0)
     for model, layer, K, N in SHAPES:
         if fp8 and layer == "adaLN":  # the model never runs adaLN with fp8 activations (pack.set_act)
             continue

@@ -36,15 +36,17 @@ __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
 __device__ __forceinline__ u32 word(const uint4& q, int w) { return w == 0 ? q.x : w == 1 ? q.y : w == 2 ? q.z : q.w; }
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+__device__ __forceinline__ u32 mapa(const float* p, int rank) {  // p's address in another CTA's shared memory
+  u32 r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(sptr(p)), "r"(rank));
+  return r; }
 __device__ __forceinline__ float4 ld_rank(const float* p, int rank) {  // read another CTA's shared memory
-  u32 a = sptr(p), r; float4 v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(r));
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(mapa(p, rank)));
   return v; }
 __device__ __forceinline__ float ld_rank1(const float* p, int rank) {
-  u32 r; float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(sptr(p)), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(mapa(p, rank)));
   return v; }
 __device__ __forceinline__ float bias_at(const void* b, int n) {
 #if BIAS == 2

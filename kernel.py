@@ -80,7 +80,7 @@ import functools
 import os
 import re
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -206,10 +206,13 @@ CONFIGS = {
 GEMV_MAX_M = 16
 
 
+@functools.lru_cache(maxsize=None)
 def _gv(name):
-    """(TN, KW, MT, CPW) of a GEMV tile name, or None for other names."""
+    """(TN, KW, MT, CPW) of a GEMV tile name, or None for other names (cached: _launch asks on every call)."""
     m = re.fullmatch(r"v(\d+)x(\d+)m([12])c(\d+)", name)
     return tuple(int(v) for v in m.groups()) if m else None
+
+
 # wgmma tiles (sm_90a), name: (WGN, BM, ST, MINB) -> BN = 64*WGN channels x BM tokens, WGN warpgroups, ST stages,
 # MINB CTAs per SM: a warpgroup waits for its own wgmmas, so the SM needs several warpgroups to keep the tensor
 # cores busy. The survivors of a wider sweep on an H200 (BM = 192, 256; 4 warpgroups; deeper rings won nowhere).
@@ -221,8 +224,8 @@ WG8_CONFIGS = {"f64": (1, 64, 6, 3), "f128": (1, 128, 4, 3), "f2x128": (2, 128, 
 
 def _tile(name):
     """(BN, BM, threads, dynamic shared memory bytes) of a config."""
-    if _gv(name):
-        tn, kw, mt, cpw = _gv(name)
+    if gv := _gv(name):
+        tn, kw, mt, cpw = gv
         return 16 * tn, 8 * mt, 32 * tn * kw, _gv_smem(name, 8 * mt, kw * cpw)
     if name in WG_CONFIGS or name in WG8_CONFIGS:
         fp8 = name in WG8_CONFIGS
@@ -301,17 +304,24 @@ def _kernel(name, cs, bf16, bias, device):
         k = cp.RawModule(code=_source(kind, name, cs, bf16, bias), options=options).get_function(fn)
         nthr, smem = _tile(name)[2:]  # a GEMV tile's is its most (16 tokens); _launch checks what it uses
         if smem > 48 * 1024:
-            k.max_dynamic_shared_size_bytes = min(smem, torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+            k.max_dynamic_shared_size_bytes = min(smem, _gpu(device).smem)
     if k.max_threads_per_block < nthr:
         raise RuntimeError(f"kernel.py: config {name} compiled to {k.num_regs} registers per thread, too many for "
                            f"{nthr} threads per CTA on this GPU")
     return k
 
 
+class _GPU(NamedTuple):
+    sms: int     # multiprocessors
+    wgmma: bool  # Hopper (sm_90): wgmma, and the clusters that split K
+    smem: int    # the most dynamic shared memory a CTA may opt in to, bytes
+
+
 @functools.lru_cache(maxsize=None)
 def _gpu(device):
-    """(multiprocessor count, has wgmma) of a CUDA device index, read once."""
-    return torch.cuda.get_device_properties(device).multi_processor_count, torch.cuda.get_device_capability(device) == (9, 0)
+    """What the dispatch needs to know of a CUDA device index, read once."""
+    p = torch.cuda.get_device_properties(device)
+    return _GPU(p.multi_processor_count, (p.major, p.minor) == (9, 0), p.shared_memory_per_block_optin)
 
 # -----------------------------------------------------------------------------
 # choosing a config
@@ -397,8 +407,8 @@ def _pick(M, N, K, sms=132, wgmma=False):
         return "dequant", 1
     if wgmma and M >= WGMMA_MIN_M:
         return _widest(("w2x128", "w2x64", "w64"), M, N, K, sms)
-    if M <= GEMV_MAX_M and _gemv(M, K, wgmma):
-        return _gemv(M, K, wgmma)
+    if M <= GEMV_MAX_M and (gemv := _gemv(M, K, wgmma)):
+        return gemv
     if M <= 64:
         name = "k32" if K <= 1536 else "m64"
     elif M <= 512:
@@ -427,10 +437,10 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
     if x2.numel() >= 2 ** 35:  # wgmm indexes X in 32-bit units of 16 bytes
         raise ValueError(f"x has {x2.numel()} elements: ternary_matmul takes fewer than 2^35 per call; split the batch")
     bn, bm, nthr, smem = _tile(name)
-    if _gv(name):  # the GEMV's shared memory holds X's M rows of the CTA's chunks
-        kcz, (_, kw, _, cpw) = -(-Kp // 128 // cs), _gv(name)
+    if gv := _gv(name):  # the GEMV's shared memory holds X's M rows of the CTA's chunks
+        kcz, (_, kw, _, cpw) = -(-Kp // 128 // cs), gv
         smem = _gv_smem(name, M, kcz)
-        if M > bm or kcz > kw * cpw or smem > torch.cuda.get_device_properties(y.device).shared_memory_per_block_optin:
+        if M > bm or kcz > kw * cpw or smem > _gpu(y.device.index).smem:
             raise ValueError(f"GEMV tile {name}/cs{cs} takes M <= {bm}, K <= {128 * kw * cpw * cs} and X's rows in "
                              f"shared memory ({smem} bytes here), got M={M}, K={K}")
     k = _kernel(name, cs, y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), y.device.index)
@@ -521,7 +531,7 @@ def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None, fp8=False):
     if cp is None:
         _warn_once("kernel.py: cupy not found, using the slow reference ternary matmul")
         return ternary_matmul_ref(x, packed, alpha, N, K, bias, fp8)
-    if fp8 and not _gpu(x.device.index)[1]:
+    if fp8 and not _gpu(x.device.index).wgmma:
         _warn_once("kernel.py: fp8 activations need a Hopper GPU (wgmma); using the slow reference ternary matmul")
         return ternary_matmul_ref(x, packed, alpha, N, K, bias, fp8)
     Np, Kp = _padded(N, K)
@@ -544,7 +554,7 @@ def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None, fp8=False):
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)
     M = x2.shape[0]
-    sms, wgmma = _gpu(x.device.index)
+    sms, wgmma, _ = _gpu(x.device.index)
     if fp8:
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         if M > 0:

@@ -265,7 +265,7 @@ def gpu_cases():
 
 
 def all_configs():
-    wg = torch.cuda.is_available() and kernel._gpu(torch.cuda.current_device())[1]
+    wg = torch.cuda.is_available() and kernel._gpu(torch.cuda.current_device()).wgmma
     return list(kernel.CONFIGS) + (list(kernel.WG_CONFIGS) if wg else [])
 
 
@@ -334,7 +334,7 @@ def test_gemv_every_tile_poisoned(dtype):
     (on Hopper), with and without bias, awkward M, N, K, straight through _launch into NaN-filled outputs."""
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(11)
-    splits = (1, 2, 4) if kernel._gpu(torch.cuda.current_device())[1] else (1,)
+    splits = (1, 2, 4) if kernel._gpu(torch.cuda.current_device()).wgmma else (1,)
     for (K, N) in [(1000, 200), (129, 17), (3072, 3072), (8192, 48)]:
         Kp, kc = kernel._padded(N, K)[1], kernel._padded(N, K)[1] // 128
         w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
@@ -366,7 +366,7 @@ def fp8_reference(x, packed, alpha, N, K, bias=None):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quant8_matches_reference(dtype):
     """The quant8 kernel writes the reference's bytes and scales (rows past M: zeros)."""
-    if not kernel._gpu(torch.cuda.current_device())[1]:
+    if not kernel._gpu(torch.cuda.current_device()).wgmma:
         pytest.skip("fp8 activations run on Hopper")
     gen = torch.Generator(device="cuda").manual_seed(13)
     for M, Kp in [(1, 128), (7, 1152), (300, 3072), (513, 8192)]:
@@ -383,7 +383,7 @@ def test_quant8_matches_reference(dtype):
 def test_fp8_every_config_poisoned():
     """Each wgmm8 tile x cluster split into a NaN-filled output, with and without bias, against the fp8
     reference (the same e4m3 codes), and the automatic choice through ternary_matmul; awkward M, K, N included."""
-    if not kernel._gpu(torch.cuda.current_device())[1]:
+    if not kernel._gpu(torch.cuda.current_device()).wgmma:
         pytest.skip("fp8 activations run on Hopper")
     gen = torch.Generator(device="cuda").manual_seed(14)
     for (M, K, N) in [(37, 1000, 200), (300, 1152, 1152), (257, 1100, 333), (1, 3072, 3072), (600, 3072, 8192)]:
@@ -442,7 +442,7 @@ def test_leading_dims_noncontiguous_and_fallbacks():
 @gpu
 def test_cuda_graph_capture_replay():
     gen = torch.Generator(device="cuda").manual_seed(3)
-    fp8s = (False, True) if kernel._gpu(torch.cuda.current_device())[1] else (False,)
+    fp8s = (False, True) if kernel._gpu(torch.cuda.current_device()).wgmma else (False,)
     for (M, K, N), fp8 in [(mkn, f) for mkn in [(4, 3072, 3072), (600, 1152, 1152)] for f in fp8s]:
         w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
         packed, alpha = kernel.pack_2bit(w), torch.rand(1, device="cuda", generator=gen) + 0.1
