@@ -35,16 +35,17 @@ import kernel
 from diffusion import Diffusion
 from model import SIZES, RMSNorm, TerDiT, TerDiTConfig
 import quant
-from pack import PackedTernaryLinear, fuse_adaln, set_act
+from pack import PackedTernaryLinear, fuse, set_act
 from quant import TernaryLinear
 from sample import CUDAGraphed, inference_context
 
-# (model, layer, K, N): the token-wise linears of TerDiT-600M / 4.2B and DiT-XL, plus the adaLN GEMVs
+# (model, layer, K, N): the token-wise linears of TerDiT-600M / 4.2B and DiT-XL, the adaLN GEMVs, and the packed
+# model's fused matmuls (pack.FusedLinears: wq, wk, wv and w1, w3 stacked along N)
 SHAPES = [
     ("600M", "qkv-proj", 1536, 1536), ("600M", "mlp-up", 1536, 4096), ("600M", "mlp-down", 4096, 1536),
-    ("600M", "adaLN", 1024, 9216),
+    ("600M", "adaLN", 1024, 9216), ("600M", "wq+wk+wv", 1536, 4608), ("600M", "w1+w3", 1536, 8192),
     ("4.2B", "qkv-proj", 3072, 3072), ("4.2B", "mlp-up", 3072, 8192), ("4.2B", "mlp-down", 8192, 3072),
-    ("4.2B", "adaLN", 1024, 18432),
+    ("4.2B", "adaLN", 1024, 18432), ("4.2B", "wq+wk+wv", 3072, 9216), ("4.2B", "w1+w3", 3072, 16384),
     ("DiT-XL", "attn", 1152, 1152),
 ]
 MS = [1, 2, 8, 16, 64, 256, 512, 2048, 8192]
@@ -215,7 +216,7 @@ def random_pair(size, dev, gen):
         packed.load_state_dict(rest, strict=False, assign=True)
     lean = {n: t.dtype for n, t in packed.state_dict().items() if not n.endswith((".packed", ".alphas"))}
     assert set(lean.values()) == {torch.bfloat16}, "the packed row must be the lean bf16 model"
-    return fuse_adaln(packed.eval()), bf
+    return fuse(packed.eval()), bf
 
 
 def nbytes(model):

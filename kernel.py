@@ -29,7 +29,8 @@ Hopper this is also what wgmma wants: its A operand may come from registers (whe
 come from shared memory; and a warpgroup's wgmma A fragment is four warps' mma.sync A fragments stacked, so
 one packing serves both kernels.
 
-Four kernels (kernel.cu), alpha (a device scalar) and the bias applied in the epilogue:
+Four kernels (kernel.cu), alpha (a device scalar, or one per output channel for fused linears) and the bias
+applied in the epilogue:
   tmv (mma.sync, any GPU from sm_80): the GEMV, M <= 16 (adaLN: M = 2 x batch). Latency sets its time, so
     it has no pipeline and little code: each warp's first instructions load all its weight words into
     registers (one 16-byte load per lane and k128 chunk is exactly the warp's A fragments), the CTA copies
@@ -39,20 +40,20 @@ Four kernels (kernel.cu), alpha (a device scalar) and the bias applied in the ep
   tmm (mma.sync m16n8k16, any GPU from sm_80): M = 17..63 on Hopper, from M = 17 elsewhere. Weights and X
     stream through a 3-8 stage cp.async ring in shared memory; a CTA owns a BN x BM block of Y; warps are laid
     out WN x WM x WK: WK > 1 warp groups take different k128 chunks of each stage.
-  wgmm (wgmma, sm_90a): M >= 64 on Hopper. WGN warpgroups each own 64 channels. Per k128 chunk a warpgroup
-    dequantises its weights (4 registers per k16 step), then issues 8 asynchronous wgmma.m64n<BM>k16 whose B,
-    the X tile, the tensor cores read from shared memory through a matrix descriptor (the canonical K-major
-    layout with the 128-byte swizzle: 16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes
-    apart), and waits for them (writing wgmma inputs while wgmmas run makes ptxas serialise them); 2-3
-    warpgroups per SM overlap one another's dequantisation with their multiplies.
-  wgmm8 + quant8 (sm_90a): ternary x fp8 activations (W1.58A8, opt-in: fp8=True). quant8 turns each token's
-    row of X into e4m3 codes and one float32 scale (amax / 448) and writes them as the shared-memory image of
-    a pipeline stage: chunk-major, k permuted within each 16 as dequant8 orders the weights' bytes, the 16-byte
-    pieces swizzled. A stage is then one contiguous block, moved by a bulk copy (cp.async.bulk, the TMA
-    engine, no tensor map) that counts its bytes into an mbarrier; warps release stages through mbarriers, so
-    the main loop has no CTA barrier and no address arithmetic. -1, 0, 1 are exact in e4m3: two PRMTs per
-    register turn 4 codes into 4 e4m3 bytes; wgmma.m64n<BM>k32.e4m3 runs at twice the bf16 rate; the
-    epilogue multiplies by alpha and the token's scale.
+  wgmm / wgmm8 (wgmma, sm_90a): M >= 64 on Hopper; wgmm8 for ternary x fp8 activations (W1.58A8, opt-in:
+    fp8=True). WGN warpgroups each own 64 channels; per k16 step (k32 for fp8) a warpgroup issues an asynchronous
+    wgmma.m64n<BM> whose A is its dequantised weights in registers and whose B, the X tile, the tensor cores read
+    from shared memory through a matrix descriptor (the canonical K-major layout with the 128-byte swizzle:
+    16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes apart). The operands arrive through a ring
+    of stages filled by the copy engine (TMA): thread 0 issues a stage's copies, which count their bytes into the
+    stage's mbarrier; warps release stages through mbarriers, so the main loop has no CTA barrier and no address
+    arithmetic. 16-bit X is read through a tensor map (_x_map: the driver's cuTensorMapEncodeTiled through
+    ctypes), whose copies write the swizzle themselves. For fp8, quant8 first turns each token's row into e4m3
+    codes and one float32 scale (amax / 448), written as the shared-memory image of a stage (chunk-major, k
+    permuted within each 16 as dequant8 orders the weights' bytes, pieces swizzled): one bulk copy per stage.
+    Trits are exact in e4m3: two PRMTs per register turn 4 codes into 4 e4m3 bytes; wgmma.e4m3 runs at twice the
+    bf16 rate; the epilogue multiplies by alpha and the token's scale. A warpgroup dequantises the next group of
+    4 wgmmas into a second register set while the current one multiplies.
 When (N/BN)*(M/BM) CTAs cannot fill the SMs, K is also split over a thread-block *cluster* of CS = 2..8 CTAs
 (Hopper) whose partial tiles are summed through distributed shared memory (mapa + ld.shared::cluster): one
 launch, no workspace, memset or atomics, deterministic, CUDA-graph safe. CONFIGS / WG_CONFIGS / WG8_CONFIGS
@@ -66,22 +67,24 @@ not 8x faster: per-CTA timers (globaltimer) on an H200 at K = N = 3072, M = 1 pu
 shared memory 2.3 us after they start (the first cold DRAM read alone takes ~0.6-0.9 us, the 2.4 MB ~0.6 us
 more, the dequantisation ~0.3 us of the GPU's issue slots), then 0.3 us to sum and store, plus ~0.5 us of launch
 per graph node: 3.5-3.6 us against cuBLAS's 9.3-10.3 (2.7-2.9x; tmm, with its ring, cluster barriers and 4x
-the code, took 4.8). From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmma reaches
-~810 TFLOP/s in this kernel's main loop when the loads are left out (README, kernel results), and 0.6-1.0x
-cuBLAS with them: the cp.async loads issued by the same warps, and the CTA barrier per chunk, leave the tensor
-cores idle part of the time. wgmm8 has what that points to (bulk copies, mbarriers): 0.91-1.15 PFLOP/s without
-quant8 at M = 8192 (fp8 peak ~1.98), 1.06-1.37x cuBLAS bf16 with quant8 on the 4.2B MLP shapes from M = 512
-(README). There ncu shows the warps mostly waiting on mbarriers while L2 and DRAM are far from busy: each
-warpgroup's chain of wait, dequantise, multiply leaves the tensor cores half idle. Off Hopper, M >= 512 expands
-the codes to a transient 16-bit matrix for cuBLAS instead (below).
+the code, took 4.8). From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmm reaches
+678-776 TFLOP/s at M = 8192 on the 4.2B shapes, 0.99-1.07x cuBLAS, and wgmm8 with quant8 1.01-1.47x (README).
+At M = 256-512 3072->3072 stays at 0.74-0.81x: there are few output tiles for 132 SMs (96 of 128 x 128 at M =
+512) and a CTA runs only 12-24 chunks, so a ring's fill and an epilogue weigh (not profiled; the sweep's cluster
+splits help only part of the way). Nsight Compute on wgmm8 (M = 8192, an earlier session) showed the warps
+mostly waiting on mbarriers while L2 and DRAM were far from busy: each warpgroup's chain of wait, dequantise,
+multiply leaves the tensor cores partly idle. Off Hopper, M >= 512 expands the codes to a transient 16-bit
+matrix for cuBLAS instead (below).
 """
 
+import ctypes
 import functools
 import os
 import re
 import warnings
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -145,7 +148,7 @@ def ternary_matmul_ref(x, packed, alpha, N, K, bias=None, fp8=False):
     first (fp8_codes), the products summed in float32 and scaled by alpha * the token's scale, as wgmm8 does."""
     w = unpack_2bit(packed.to(x.device), N, K)
     if not fp8:
-        y = F.linear(x, alpha.to(device=x.device, dtype=x.dtype) * w.to(x.dtype))
+        y = F.linear(x, alpha.to(device=x.device, dtype=x.dtype).view(-1, 1) * w.to(x.dtype))
         return y if bias is None else y + bias.to(y.dtype)
     q, s = fp8_codes(x.reshape(-1, K))
     y = F.linear(q.float(), w.float()) * (alpha.to(x.device).float() * s[:, None])
@@ -215,8 +218,9 @@ def _gv(name):
 
 # wgmma tiles (sm_90a), name: (WGN, BM, ST, MINB) -> BN = 64*WGN channels x BM tokens, WGN warpgroups, ST stages,
 # MINB CTAs per SM: a warpgroup waits for its own wgmmas, so the SM needs several warpgroups to keep the tensor
-# cores busy. The survivors of a wider sweep on an H200 (BM = 192, 256; 4 warpgroups; deeper rings won nowhere).
-WG_CONFIGS = {"w64": (1, 64, 4, 3), "w2x64": (2, 64, 4, 2), "w2x128": (2, 128, 3, 2)}
+# cores busy. Each won rows of an H200 sweep (a 5-stage w2x128 won none; 3 x 64 channels x 64 tokens spilled).
+WG_CONFIGS = {"w64": (1, 64, 4, 3), "w64s6": (1, 64, 6, 2), "w128": (1, 128, 3, 2), "w2x64": (2, 64, 4, 2),
+              "w2x128": (2, 128, 3, 2), "w3x128": (3, 128, 4, 1), "w2x256": (2, 256, 3, 1)}
 # ternary x fp8 wgmma tiles (wgmm8), same fields: the survivors of an H200 sweep. Independent CTAs of one
 # warpgroup did best (a CTA's warpgroups wait for one another's stage releases); 4 warpgroups per CTA did worst.
 WG8_CONFIGS = {"f64": (1, 64, 6, 3), "f128": (1, 128, 4, 3), "f2x128": (2, 128, 4, 2), "f2x256": (2, 256, 4, 1)}
@@ -267,9 +271,9 @@ def _wgmma_source(bm, dt):
             f'    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));\n}}\n')
 
 
-def _source(kind, name=None, cs=1, bf16=True, bias=0):
-    """kernel.cu with the #defines of one configuration in front. kind: TMM, WGMM, WGMM8, QUANT8 or DEQUANT;
-    bias: 0 none, 1 in the output dtype, 2 float32."""
+def _source(kind, name=None, cs=1, bf16=True, bias=0, avec=False):
+    """kernel.cu with the #defines of one configuration in front. kind: TMV, TMM, WGMM, WGMM8, QUANT8 or DEQUANT;
+    bias: 0 none, 1 in the output dtype, 2 float32; avec: alpha per output channel instead of one."""
     d = {kind: 1}
     if kind == "QUANT8":
         d.update(IS_BF16=int(bf16))
@@ -277,7 +281,7 @@ def _source(kind, name=None, cs=1, bf16=True, bias=0):
         per, magic, sc, bi = _magic_consts(bf16)
         d.update(CS=cs, PER=per, MAGIC=f"{magic:#x}u", SCALES=",".join(f"{v:#x}u" for v in sc),
                  BIASES=",".join(f"{v:#x}u" for v in bi), DT='"bf16"' if bf16 else '"f16"', IS_BF16=int(bf16),
-                 BIAS=bias, CLUSTER=f"__cluster_dims__(1, 1, {cs})" if cs > 1 else "")
+                 BIAS=bias, AVEC=int(avec), CLUSTER=f"__cluster_dims__(1, 1, {cs})" if cs > 1 else "")
     if kind == "TMM":
         d.update(zip(("WNT", "WMT", "WN", "WM", "WK", "ST", "NACC"), CONFIGS[name]))
     if kind == "TMV":
@@ -293,7 +297,7 @@ def _source(kind, name=None, cs=1, bf16=True, bias=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name, cs, bf16, bias, device):
+def _kernel(name, cs, bf16, bias, avec, device):
     """Compile (NVRTC) and cache one config; must first run outside CUDA-graph capture."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("kernel.py: call ternary_matmul once eagerly (to compile) before graph capture")
@@ -301,7 +305,7 @@ def _kernel(name, cs, bf16, bias, device):
                 else ("TMV", "tmv") if _gv(name) else ("TMM", "tmm"))
     options = ("-std=c++17", "-arch=sm_90a") if kind.startswith("WGMM") else ("-std=c++17",)  # wgmma: sm_90a only
     with cp.cuda.Device(device):
-        k = cp.RawModule(code=_source(kind, name, cs, bf16, bias), options=options).get_function(fn)
+        k = cp.RawModule(code=_source(kind, name, cs, bf16, bias, avec), options=options).get_function(fn)
         nthr, smem = _tile(name)[2:]  # a GEMV tile's is its most (16 tokens); _launch checks what it uses
         if smem > 48 * 1024:
             k.max_dynamic_shared_size_bytes = min(smem, _gpu(device).smem)
@@ -331,15 +335,19 @@ def _gpu(device):
 # won nowhere); a problem uses the entry of the smallest tuned M >= its M. wgmma entries apply on Hopper only
 # (_pick falls back to its heuristic elsewhere).
 _TUNED = {
-    (1536, 1536): {1: ('v1x4m1c3', 1), 8: ('v1x16m1c1', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (1536, 4096): {1: ('v2x4m1c3', 1), 8: ('v2x4m1c3', 1), 16: ('v2x4m2c3', 1), 64: ('w64', 2), 256: ('w64', 1), 512: ('w2x128', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (4096, 1536): {1: ('v1x8m1c4', 1), 8: ('v1x16m1c2', 1), 16: ('v1x8m2c4', 1), 64: ('w64', 8), 256: ('w2x64', 4), 512: ('w64', 2), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (1024, 9216): {1: ('v1x4m1c2', 1), 8: ('v2x4m1c2', 1), 16: ('v2x2m2c4', 1), 64: ('w64', 1), 256: ('w64', 1), 512: ('w64', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (3072, 3072): {1: ('v1x8m1c3', 1), 8: ('v2x8m1c3', 1), 16: ('v2x4m2c6', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 1), 2048: ('w2x128', 2), 8192: ('w2x128', 1)},
-    (3072, 8192): {1: ('v1x8m1c3', 1), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w64', 2), 256: ('w2x128', 2), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (8192, 3072): {1: ('v1x16m1c4', 1), 8: ('v2x8m1c8', 1), 16: ('v4x4m2c8', 2), 64: ('w64', 4), 256: ('w64', 2), 512: ('w2x128', 2), 2048: ('w2x128', 2), 8192: ('w2x128', 1)},
-    (1024, 18432): {1: ('v1x4m1c2', 1), 8: ('v1x4m1c2', 1), 16: ('v2x2m2c4', 1), 64: ('w64', 1), 256: ('w64', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (1152, 1152): {1: ('v1x8m1c2', 1), 8: ('v1x8m1c2', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 1), 512: ('w64', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1536, 1536): {1: ('v1x4m1c3', 1), 8: ('v1x16m1c1', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
+    (1536, 4096): {1: ('v2x4m1c3', 1), 8: ('v2x4m1c3', 1), 16: ('v2x4m2c3', 1), 64: ('w64s6', 2), 256: ('w2x64', 2), 512: ('w128', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (4096, 1536): {1: ('v1x8m1c4', 1), 8: ('v1x16m1c2', 1), 16: ('v1x8m2c4', 1), 64: ('w64', 8), 256: ('w128', 4), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
+    (1024, 9216): {1: ('v1x4m1c2', 1), 8: ('v2x4m1c2', 1), 16: ('v2x4m2c2', 1), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (3072, 3072): {1: ('v1x8m1c3', 1), 8: ('v2x8m1c3', 1), 16: ('v2x4m2c6', 1), 64: ('w64s6', 4), 256: ('w64', 2), 512: ('w3x128', 2), 2048: ('w2x128', 2), 8192: ('w2x256', 1)},
+    (3072, 8192): {1: ('v1x8m1c3', 1), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w64', 2), 256: ('w2x128', 2), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (8192, 3072): {1: ('v1x16m1c4', 1), 8: ('v2x8m1c8', 1), 16: ('v4x4m2c8', 2), 64: ('w2x64', 8), 256: ('w2x256', 4), 512: ('w3x128', 2), 2048: ('w2x256', 2), 8192: ('w2x256', 1)},
+    (1024, 18432): {1: ('v2x2m1c4', 1), 8: ('v1x4m1c2', 1), 16: ('v2x2m2c4', 1), 64: ('w64', 1), 256: ('w2x128', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1152, 1152): {1: ('v1x16m1c1', 1), 8: ('v1x8m1c2', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 4), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x128', 1)},
+    (1536, 4608): {1: ('v1x16m1c1', 1), 8: ('v4x4m1c3', 1), 16: ('v4x2m2c6', 1), 64: ('w64', 4), 256: ('w64', 1), 512: ('w3x128', 1), 2048: ('w2x128', 1), 8192: ('w2x256', 1)},
+    (1536, 8192): {1: ('v2x4m1c3', 1), 8: ('v4x4m1c3', 1), 16: ('v4x2m2c6', 1), 64: ('w64', 2), 256: ('w128', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (3072, 9216): {1: ('v1x8m1c3', 1), 8: ('v2x4m1c6', 1), 16: ('v2x4m2c6', 1), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w3x128', 2), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (3072, 16384): {1: ('v2x2m1c6', 2), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w2x64', 2), 256: ('w2x256', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
 }
 WGMMA_MIN_M = 64  # from here on Hopper the wgmma kernel (the heuristic's threshold; _TUNED may say otherwise)
 
@@ -361,6 +369,10 @@ _TUNED8 = {  # as _TUNED, for fp8 activations: `python bench.py --what kernels -
     (3072, 8192): {64: ('f64', 2), 256: ('f2x128', 2), 512: ('f2x256', 1), 2048: ('f2x256', 1), 8192: ('f2x256', 1)},
     (8192, 3072): {64: ('f64', 4), 256: ('f2x256', 4), 512: ('f128', 2), 2048: ('f2x256', 2), 8192: ('f2x256', 1)},
     (1152, 1152): {64: ('f64', 4), 256: ('f64', 4), 512: ('f64', 2), 2048: ('f128', 1), 8192: ('f128', 1)},
+    (1536, 4608): {64: ('f64', 4), 256: ('f128', 2), 512: ('f128', 1), 2048: ('f128', 1), 8192: ('f2x128', 1)},
+    (1536, 8192): {64: ('f64', 2), 256: ('f2x128', 2), 512: ('f2x128', 1), 2048: ('f2x128', 1), 8192: ('f2x128', 1)},
+    (3072, 9216): {64: ('f64', 2), 256: ('f128', 1), 512: ('f128', 2), 2048: ('f128', 1), 8192: ('f2x128', 1)},
+    (3072, 16384): {64: ('f2x128', 2), 256: ('f2x256', 1), 512: ('f2x256', 1), 2048: ('f2x256', 1), 8192: ('f2x256', 1)},
 }
 
 
@@ -406,7 +418,7 @@ def _pick(M, N, K, sms=132, wgmma=False):
     if not wgmma and _use_dequant(M, N, K):
         return "dequant", 1
     if wgmma and M >= WGMMA_MIN_M:
-        return _widest(("w2x128", "w2x64", "w64"), M, N, K, sms)
+        return _widest(("w2x256", "w2x128", "w64"), M, N, K, sms)
     if M <= GEMV_MAX_M and (gemv := _gemv(M, K, wgmma)):
         return gemv
     if M <= 64:
@@ -434,8 +446,6 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
     """Launch one config on torch's current stream. x2 (M, Kp) contiguous (for a wgmm8 tile: the fp8 image
     (Kp/128, Mp, 128) and its scales (Mp,)), y (M, N) output, bias (N,) in y's dtype or float32, contiguous, or None."""
     M, Kp = y.shape[0], _padded(N, K)[1]
-    if x2.numel() >= 2 ** 35:  # wgmm indexes X in 32-bit units of 16 bytes
-        raise ValueError(f"x has {x2.numel()} elements: ternary_matmul takes fewer than 2^35 per call; split the batch")
     bn, bm, nthr, smem = _tile(name)
     if gv := _gv(name):  # the GEMV's shared memory holds X's M rows of the CTA's chunks
         kcz, (_, kw, _, cpw) = -(-Kp // 128 // cs), gv
@@ -443,15 +453,49 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
         if M > bm or kcz > kw * cpw or smem > _gpu(y.device.index).smem:
             raise ValueError(f"GEMV tile {name}/cs{cs} takes M <= {bm}, K <= {128 * kw * cpw * cs} and X's rows in "
                              f"shared memory ({smem} bytes here), got M={M}, K={K}")
-    k = _kernel(name, cs, y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), y.device.index)
+    k = _kernel(name, cs, y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), alpha.numel() > 1, y.device.index)
     nt16 = _padded(N, K)[0] // 16
-    ptrs = (packed.data_ptr(), x2.data_ptr()) + (() if scales is None else (scales.data_ptr(),)) + (
-        alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr())
-    ints = (M, N, Kp // 128, nt16) if scales is None else (M, x2.shape[1], N, Kp // 128, nt16)
-    args = tuple(cp.uint64(p) for p in ptrs) + tuple(cp.int32(v) for v in ints)
+    if name in WG_CONFIGS:  # wgmm reads X through a tensor map, passed by value
+        xargs = (_x_map(x2.data_ptr(), M, Kp, bm),)
+    elif scales is not None:  # wgmm8: quant8's image of X, its scales, its padded row count
+        xargs = (cp.uint64(x2.data_ptr()), cp.uint64(scales.data_ptr()), cp.int32(x2.shape[1]))
+    else:
+        xargs = (cp.uint64(x2.data_ptr()),)
+    args = (cp.uint64(packed.data_ptr()), *xargs, cp.uint64(alpha.data_ptr()),
+            cp.uint64(0 if bias is None else bias.data_ptr()), cp.uint64(y.data_ptr()),
+            *(cp.int32(v) for v in (M, N, Kp // 128, nt16)))
     stream = _stream(torch.cuda.current_stream(y.device).cuda_stream, y.device.index)
     with cp.cuda.Device(y.device.index):
         k((-(-nt16 * 16 // bn), -(-M // bm), cs), (nthr,), args, shared_mem=smem, stream=stream)
+
+
+@functools.lru_cache(maxsize=1)
+def _encode_tiled():
+    """The CUDA driver's cuTensorMapEncodeTiled (a host function: it only fills a 128-byte descriptor)."""
+    f = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p] + [ctypes.c_int] * 4
+    f.restype = ctypes.c_int
+    return f
+
+
+@functools.lru_cache(maxsize=4096)
+def _x_map(ptr, M, Kp, bm):
+    """The tensor map (CUtensorMap) of X (M, Kp), 16-bit row-major at ptr, through which wgmm's copies read it:
+    boxes of 64 k x bm rows (128 bytes x bm), written to shared memory with the 128-byte swizzle; rows past M read
+    as zeros. A one-element numpy array, which cupy passes by value. Cached per (pointer, shape, box): a CUDA
+    graph replays the launch with the map it was captured with, and eager calls reuse the caching allocator's
+    pointers."""
+    buf = np.zeros(256, dtype=np.uint8)
+    off = -buf.ctypes.data % 64  # the driver wants the map 64-byte aligned
+    m = buf[off:off + 128].view(np.dtype((np.void, 128)))
+    dims, strides = (ctypes.c_uint64 * 2)(Kp, M), (ctypes.c_uint64 * 1)(2 * Kp)
+    box, step = (ctypes.c_uint32 * 2)(64, bm), (ctypes.c_uint32 * 2)(1, 1)
+    # UINT16 data, rank 2, no interleave, SWIZZLE_128B, L2 promotion 128B, out-of-bounds elements read as zero
+    err = _encode_tiled()(m.ctypes.data, 1, 2, ptr, dims, strides, box, step, 0, 3, 2, 0)
+    if err:
+        raise RuntimeError(f"kernel.py: cuTensorMapEncodeTiled failed (CUresult {err}) for X ({M}, {Kp}) at {ptr:#x}")
+    return m
 
 
 def quantize_fp8(x2, Mp):
@@ -514,7 +558,8 @@ def _warn_once(msg):
 
 
 def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None, fp8=False):
-    """Y = alpha * (x @ W~^T) + bias for x (..., K) -> (..., N) in x.dtype. Fused kernel on CUDA bf16/fp16 +
+    """Y = alpha * (x @ W~^T) + bias for x (..., K) -> (..., N) in x.dtype, alpha one float32 scale or N of them (one
+    per output channel: linears fused along N, pack.FusedLinears). Fused kernel on CUDA bf16/fp16 +
     cupy (wgmma on Hopper from M = 64), else the reference. Off Hopper, from M = 512 (K >= 1152, K % 128 == 0,
     N % 16 == 0): a transient 16-bit copy + cuBLAS. fp8: activations quantised per token to e4m3 (quant8, then
     wgmm8; Hopper only, the reference elsewhere). config=(name, cluster_size), name a tile or "dequant",
@@ -523,6 +568,8 @@ def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None, fp8=False):
         raise ValueError(f"x has {x.shape[-1]} input features, expected K={K}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},)")
+    if alpha.numel() not in (1, N):
+        raise ValueError(f"alpha must hold one scale (per tensor) or N={N} (per output channel), got {alpha.numel()}")
     if not x.is_cuda:
         return ternary_matmul_ref(x, packed, alpha, N, K, bias, fp8)
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -537,9 +584,7 @@ def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None, fp8=False):
     Np, Kp = _padded(N, K)
     if packed.dtype != torch.uint8 or packed.numel() != Np * Kp // 4 or packed.device != x.device:
         raise ValueError(f"packed must be a uint8 tensor from pack_2bit((N={N}, K={K})) on {x.device}")
-    if alpha.numel() != 1:
-        raise ValueError("alpha must hold a single (per-tensor) scale")
-    alpha = alpha.to(device=x.device, dtype=torch.float32)
+    alpha = alpha.to(device=x.device, dtype=torch.float32).contiguous()
     if bias is not None:
         bias = bias.to(x.device)
         if bias.dtype not in (x.dtype, torch.float32):

@@ -221,15 +221,17 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = n_heads, dim // n_heads
         self.wq, self.wk, self.wv, self.wo = (TernaryLinear(dim, dim, bias=False, ternary=ternary, device=device)
                                               for _ in range(4))
+        self.fused_qkv = None  # a packed model's one matmul for wq, wk, wv (pack.fuse), else None
         # qk-norm as in Large-DiT: LayerNorm over all heads at once, before the heads are split
         self.q_norm = nn.LayerNorm(dim, device=device) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(dim, device=device) if qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin):
         N, T, D = x.shape
-        q = self.q_norm(self.wq(x)).view(N, T, self.n_heads, self.head_dim)  # (N, T, H, hd)
-        k = self.k_norm(self.wk(x)).view(N, T, self.n_heads, self.head_dim)
-        v = self.wv(x).view(N, T, self.n_heads, self.head_dim)
+        q, k, v = self.fused_qkv(x) if self.fused_qkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = self.q_norm(q).view(N, T, self.n_heads, self.head_dim)  # (N, T, H, hd)
+        k = self.k_norm(k).view(N, T, self.n_heads, self.head_dim)
+        v = v.view(N, T, self.n_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(N, T, D))
@@ -245,9 +247,11 @@ class FeedForward(nn.Module):
         self.w1 = TernaryLinear(dim, hidden, bias=False, ternary=ternary, device=device)
         self.w2 = TernaryLinear(hidden, dim, bias=False, ternary=ternary, device=device)
         self.w3 = TernaryLinear(dim, hidden, bias=False, ternary=ternary, device=device)
+        self.fused_w13 = None  # a packed model's one matmul for w1, w3 (pack.fuse), else None
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h1, h3 = self.fused_w13(x) if self.fused_w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(h1) * h3)
 
 
 class TerDiTBlock(nn.Module):
@@ -311,7 +315,7 @@ class TerDiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes, cond_dim, cfg.class_dropout_prob, device=device)
         self.layers = nn.ModuleList(TerDiTBlock(cfg, cond_dim, device=device) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim, cond_dim, p, self.out_channels, device=device)
-        self.fused_adaln = None  # a packed model's one-matmul adaLN for all blocks (pack.fuse_adaln), else None
+        self.fused_adaln = None  # a packed model's one-matmul adaLN for all blocks (pack.fuse), else None
         if device is None or torch.device(device).type != "meta":
             self.initialize_weights()
 
@@ -335,7 +339,7 @@ class TerDiT(nn.Module):
 
     def modulations(self, c):
         """Every block's adaLN modulation, or None for a block to compute its own. adaLN sees only c, never the
-        image tokens, so a packed model computes all blocks' modulations up front in one matmul (pack.fuse_adaln).
+        image tokens, so a packed model computes all blocks' modulations up front in one matmul (pack.fuse).
         A training model lets each block do it inside its forward, where torch.compile fuses it into the block
         and FSDP2 has gathered the block's weights."""
         if self.fused_adaln is not None:

@@ -190,10 +190,48 @@ class FusedAdaLN(nn.Module):
         return rms_norm(y, gain.float(), self.norms[0].eps).to(torch.promote_types(x.dtype, gain.dtype))
 
 
-def fuse_adaln(model):
-    """Give a packed TerDiT the one-matmul adaLN (FusedAdaLN); TerDiT.modulations uses it from then on. Call it
-    after moving the model to its device (a later .to() copies the shared codes apart: correct, but stored twice)."""
+class FusedLinears(nn.Module):
+    """Packed linears that read one input (attention's wq, wk, wv; SwiGLU's w1, w3) as one ternary matmul: their
+    codes stacked along N (each width a multiple of 16, so pack_2bit's tiles follow one another, as in FusedAdaLN)
+    and their α's spread over the output channels, which the kernel applies in its epilogue as it applies one α,
+    so the outputs are what the linears compute one by one. One wide matmul instead of two or three narrow ones,
+    and with fp8 activations one quantisation of the input instead of one per linear. It owns the stacked codes (a
+    buffer left out of the state dict); each linear's `packed` becomes a view of its rows; α and fp8 are read from
+    the linears at each call."""
+
+    def __init__(self, linears):
+        super().__init__()
+        self.linears = list(linears)  # a plain list: the block stays their owner
+        k = self.linears[0].in_features
+        if not all(isinstance(m, PackedTernaryLinear) and m.bias is None and m.in_features == k
+                   and m.out_features % kernel.TILE_N == 0 for m in self.linears):
+            raise ValueError("FusedLinears needs packed linears without bias, of one input width, each output width "
+                             f"a multiple of {kernel.TILE_N}")
+        self.widths = [m.out_features for m in self.linears]
+        self.register_buffer("packed", torch.cat([m.packed for m in self.linears]), persistent=False)
+        for m, end in zip(self.linears, torch.tensor(self.widths).cumsum(0).tolist()):
+            m.packed = self.packed[end - m.out_features: end]
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):  # as PackedTernaryLinear
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        alphas = torch.cat([m.alphas.expand(m.out_features) for m in self.linears])  # (N,) float32
+        first = self.linears[0]
+        y = kernel.ternary_matmul_op(x, self.packed, alphas, sum(self.widths), first.in_features, None, first.fp8)
+        return y.split(self.widths, -1)
+
+
+def fuse(model):
+    """Give a packed TerDiT its fused matmuls: the one-matmul adaLN of all blocks (FusedAdaLN, which
+    TerDiT.modulations uses from then on) and, in each block, wq/wk/wv and w1/w3 (FusedLinears). Call it after
+    moving the model to its device (a later .to() copies the shared codes apart: correct, but stored twice)."""
     model.fused_adaln = FusedAdaLN(model.layers)
+    for block in model.layers:  # (each linear's codes must start on a 16-row tile of the stack)
+        attn, ff = block.attention, block.feed_forward
+        if attn.wq.out_features % kernel.TILE_N == 0:
+            attn.fused_qkv = FusedLinears([attn.wq, attn.wk, attn.wv])
+        if ff.w1.out_features % kernel.TILE_N == 0:
+            ff.fused_w13 = FusedLinears([ff.w1, ff.w3])
     return model
 
 
@@ -353,7 +391,7 @@ def load_packed(path, device="cpu", dtype=torch.float32, act="bf16"):
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise ValueError(f"{path} is corrupt (its tensors do not match its config): {err}") from None
-    return set_act(fuse_adaln(model.requires_grad_(False).eval().to(device=device, dtype=dtype)), act)
+    return set_act(fuse(model.requires_grad_(False).eval().to(device=device, dtype=dtype)), act)
 
 
 # -----------------------------------------------------------------------------

@@ -39,11 +39,14 @@ def plot_kernels(ax, path):
     """Speed-up (cuBLAS time / ternary time) against the token count M, one line per layer shape."""
     with open(path) as f:
         results = json.load(f)
-    shapes = {}
+    shapes, layers = {}, {}
     for r in results["kernels"]:
-        shapes.setdefault(f"{r['model']} {r['layer']} {r['K']}→{r['N']}", []).append((r["M"], r["speedup"]))
-    for label, points in shapes.items():
-        ax.plot(*zip(*sorted(points)), marker="o", markersize=3, linewidth=1.2, label=label)
+        key = (r["model"], r["layer"], f"{r['model']} {r['layer']} {r['K']}→{r['N']}")
+        shapes.setdefault(key, []).append((r["M"], r["speedup"]))
+        layers.setdefault(r["layer"], f"C{len(layers) % 10}")
+    for (model, layer, label), points in shapes.items():  # a colour per layer, a line style per model
+        ax.plot(*zip(*sorted(points)), marker="o", markersize=3, linewidth=1.2, label=label, color=layers[layer],
+                linestyle={"600M": ":", "4.2B": "-"}.get(model, "--"))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set(xscale="log", xlabel="tokens M (batch x 256 per linear)", ylabel="speed-up over cuBLAS bf16")
     ax.set_title(f"2-bit kernel vs cuBLAS, {results['device']}")

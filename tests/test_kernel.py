@@ -168,6 +168,26 @@ def test_bias_matches_reference():
         kernel.ternary_matmul(x, packed, alpha, N, K, bias=b[:-1])
 
 
+def test_per_channel_alpha_is_linears_side_by_side():
+    """alpha with one scale per output channel (pack.FusedLinears) computes what separate per-tensor-alpha
+    matmuls compute, concatenated; in bf16 and with fp8 activations; a wrong alpha size is one clear error."""
+    gen = torch.Generator().manual_seed(9)
+    K, widths = 200, (48, 16, 32)
+    ws = [rand_trits(n, K, gen) for n in widths]
+    alphas = [torch.rand(1, generator=gen) + 0.5 for _ in widths]
+    packed, N = kernel.pack_2bit(torch.cat(ws)), sum(widths)
+    avec = torch.cat([a.expand(n) for a, n in zip(alphas, widths)])
+    x = torch.randn(5, K, generator=gen)
+    for fp8 in (False, True):
+        got = kernel.ternary_matmul(x, packed, avec, N, K, fp8=fp8)
+        want = torch.cat([kernel.ternary_matmul(x, kernel.pack_2bit(w), a, w.shape[0], K, fp8=fp8)
+                          for w, a in zip(ws, alphas)], dim=-1)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(kernel.ternary_matmul_op, (x, packed, avec, N, K))
+    with pytest.raises(ValueError, match="alpha must hold one scale"):
+        kernel.ternary_matmul(x, packed, avec[:-1], N, K)
+
+
 def test_custom_op_opcheck():
     """Schema, fake (meta) implementation, and tracing by AOTAutograd with dynamic shapes all agree with the op."""
     gen = torch.Generator().manual_seed(0)
@@ -310,14 +330,14 @@ def test_kernel_matches_reference(dtype):
 @gpu
 def test_every_config_poisoned():
     """Each tile config (wgmma ones on Hopper) x cluster split, straight through _launch into a NaN-filled
-    output; the last shape's M, N, K fill no tile evenly."""
+    output; the last shape's M, N, K fill no tile evenly, and it has one alpha per output channel."""
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(1)
-    for (M, K, N) in [(37, 1000, 200), (300, 1152, 1152), (257, 1100, 333)]:
+    for (M, K, N), nalpha in [((37, 1000, 200), 1), ((300, 1152, 1152), 1), ((257, 1100, 333), 333)]:
         Kp = kernel._padded(N, K)[1]
         w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
         x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
-        alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
+        alpha = torch.rand(nalpha, device="cuda", generator=gen) + 0.1
         xp = torch.nn.functional.pad(x, (0, Kp - K))
         packed, ref = kernel.pack_2bit(w), reference(x, w, alpha)
         for name in all_configs():
@@ -331,7 +351,8 @@ def test_every_config_poisoned():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_every_tile_poisoned(dtype):
     """The GEMV kernel (M <= 16): tiles of 1-4 n16-tiles x 2-16 warps, 8 or 16 tokens, K split over 1/2/4 CTAs
-    (on Hopper), with and without bias, awkward M, N, K, straight through _launch into NaN-filled outputs."""
+    (on Hopper), with and without bias, one alpha or one per channel, awkward M, N, K, straight through _launch
+    into NaN-filled outputs."""
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(11)
     splits = (1, 2, 4) if kernel._gpu(torch.cuda.current_device()).wgmma else (1,)
@@ -340,8 +361,9 @@ def test_gemv_every_tile_poisoned(dtype):
         w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
         alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
         packed = kernel.pack_2bit(w)
-        for M, tn, kw, cs in [(1, 1, 8, 1), (2, 2, 4, 2), (5, 4, 2, 1), (8, 1, 16, 4), (8, 1, 4, 1), (9, 2, 8, 1),
-                              (13, 1, 4, 2), (16, 4, 4, 1), (16, 1, 2, 4)]:
+        for i, (M, tn, kw, cs) in enumerate([(1, 1, 8, 1), (2, 2, 4, 2), (5, 4, 2, 1), (8, 1, 16, 4), (8, 1, 4, 1),
+                                             (9, 2, 8, 1), (13, 1, 4, 2), (16, 4, 4, 1), (16, 1, 2, 4)]):
+            alpha = torch.rand(N if i % 2 else 1, device="cuda", generator=gen) + 0.1
             name = f"v{tn}x{kw}m{1 if M <= 8 else 2}c{math.ceil(math.ceil(kc / cs) / kw)}"
             if cs not in splits or -(-kc // cs) < cs or not gemv_fits(name, cs, M, K):
                 continue
@@ -382,14 +404,15 @@ def test_quant8_matches_reference(dtype):
 @gpu
 def test_fp8_every_config_poisoned():
     """Each wgmm8 tile x cluster split into a NaN-filled output, with and without bias, against the fp8
-    reference (the same e4m3 codes), and the automatic choice through ternary_matmul; awkward M, K, N included."""
+    reference (the same e4m3 codes), and the automatic choice through ternary_matmul; awkward M, K, N included
+    (N = 333 with one alpha per channel)."""
     if not kernel._gpu(torch.cuda.current_device()).wgmma:
         pytest.skip("fp8 activations run on Hopper")
     gen = torch.Generator(device="cuda").manual_seed(14)
     for (M, K, N) in [(37, 1000, 200), (300, 1152, 1152), (257, 1100, 333), (1, 3072, 3072), (600, 3072, 8192)]:
         w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
         x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
-        alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
+        alpha = torch.rand(N if N == 333 else 1, device="cuda", generator=gen) + 0.1  # 333: one per channel
         bias = torch.randn(N, device="cuda", generator=gen).bfloat16()
         packed = kernel.pack_2bit(w)
         ref, ref_b = fp8_reference(x, packed, alpha, N, K), fp8_reference(x, packed, alpha, N, K, bias)

@@ -243,6 +243,47 @@ def test_fused_adaln_equals_per_block(tmp_path, adaln_norm):
     torch.testing.assert_close(out, m(x, t, y), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("act", ["bf16", "fp8"])
+def test_fused_linears_equal_the_linears(packed, act):
+    """wq/wk/wv and w1/w3 as one matmul each (pack.FusedLinears, one alpha per output channel): the linears' codes
+    become views of the stacked ones, the state dict gains nothing, and the model computes what its linears
+    compute one by one (with fp8 activations too: one quantisation of the shared input, the same codes)."""
+    m = pack.load_packed(packed[1], act=act)
+    attn, ff = m.layers[0].attention, m.layers[0].feed_forward
+    assert attn.wk.packed.data_ptr() == attn.fused_qkv.packed[attn.wq.out_features:].data_ptr()
+    assert ff.w3.packed.data_ptr() == ff.fused_w13.packed[ff.w1.out_features:].data_ptr()
+    assert not any("fused" in k for k in m.state_dict())
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        out = m(x, t, y)
+        for b in m.layers:
+            b.attention.fused_qkv = b.feed_forward.fused_w13 = None
+        torch.testing.assert_close(out, m(x, t, y), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="FusedLinears needs packed linears without bias, of one input width"):
+        pack.FusedLinears([attn.wq, ff.w2])
+
+
+def test_fuse_skips_widths_off_the_tile(tmp_path):
+    """A width that is not a multiple of 16 rows (dim 72 here) cannot start a linear's codes on a tile of the stack:
+    pack.fuse leaves wq/wk/wv apart, still fuses w1/w3 (hidden 256), and the model computes the same either way."""
+    torch.manual_seed(5)  # not a registered size: a checkpoint's stored config may hold any width
+    m = model_lib.TerDiT(model_lib.TerDiTConfig(**{**model_lib.SIZES["tiny"], "dim": 72, "in_channels": 1})).eval()
+    with torch.no_grad():
+        for q in m.parameters():
+            q.normal_(0, 0.1)
+    torch.save({"model": m.state_dict(), "ema": m.state_dict(), "opt": {}, "step": 1, "model_config": asdict(m.config),
+                "args": {}}, tmp_path / "ckpt.pt")
+    pack.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "m.tdit")])
+    p = pack.load_packed(str(tmp_path / "m.tdit"))
+    assert all(b.attention.fused_qkv is None and b.feed_forward.fused_w13 is not None for b in p.layers)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        out = p(x, t, y)
+        for b in p.layers:
+            b.feed_forward.fused_w13 = None
+        torch.testing.assert_close(out, p(x, t, y), rtol=1e-5, atol=1e-6)
+
+
 def test_adaln_stats_of_a_packed_model(packed):
     m = pack.load_packed(packed[1])
     rows = evaluate.adaln_stats(m, torch.randn(2, 1, 32, 32), torch.arange(2), timesteps=(10, 900))
@@ -501,7 +542,7 @@ def test_bf16_model_is_bf16_but_alpha_and_codes(packed):
     for name, t in [*m.named_parameters(), *m.named_buffers()]:
         if name.endswith(".packed"):
             assert t.dtype == torch.uint8, name
-        elif name.endswith(".alphas") or name == "fused_adaln.one":  # α exact; fused adaLN's α = 1
+        elif name.endswith(".alphas") or name.endswith(".one"):  # α exact; the fused matmuls' α = 1
             assert t.dtype == torch.float32, name
         else:
             assert t.dtype == torch.bfloat16, name
