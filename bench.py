@@ -4,8 +4,8 @@ Benchmarks: the fused ternary kernel (kernel.py) against cuBLAS bf16 F.linear on
     python bench.py --what kernels --out bench_results/kernels_h100.md
     python bench.py --what train --out bench_results/train_h200.md   # train.py's step: MFU, memory, compile
     python bench.py --what kernels --sweep     # first time every candidate tile config / cluster split per row,
-                                               # use the fastest, print the table to paste as kernel._TUNED
-    python bench.py --what kernels --act fp8 --sweep --m 64,256,512,2048,8192   # fp8 activations: kernel._TUNED8
+                                               # use the fastest, print the table to paste as tiles.TUNED
+    python bench.py --what kernels --act fp8 --sweep --m 64,256,512,2048,8192   # fp8 activations: tiles.TUNED8
 
 How it times (see /work/.library/device/METHOD.md): every number is the median over --reps replays of a
 CUDA graph holding many calls, timed with CUDA events, so launch gaps from Python are gone. Consecutive
@@ -32,6 +32,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
 import kernel
+import tiles
 from diffusion import Diffusion
 from model import SIZES, RMSNorm, TerDiT, TerDiTConfig
 import quant
@@ -84,19 +85,19 @@ def gemv_candidates(M, N, K):
         kcz = math.ceil(kc / cs)
         name = f"v{tn}x{kw}m{mt}c{math.ceil(kcz / kw)}"
         if (4 <= tn * kw <= 32 and math.ceil(kcz / kw) <= 8 and (cs == 1 or kcz >= 2) and math.ceil(N / (16 * tn)) * cs >= 60
-                and kernel._gv_smem(name, M, kcz) <= 200 * 1024):
+                and tiles.gemv_smem(name, M, kcz) <= 200 * 1024):
             out.append((name, cs))
     return out
 
 
 def candidates(M, N, K, wgmma):
     """Tile configs worth trying for --sweep (any config is correct for any M; these are the plausible ones)."""
-    gemv = [(n, cs) for n, cs in gemv_candidates(M, N, K) if wgmma or cs == 1] if M <= kernel.GEMV_MAX_M else []
+    gemv = [(n, cs) for n, cs in gemv_candidates(M, N, K) if wgmma or cs == 1] if M <= tiles.GEMV_MAX_M else []
     if gemv:  # clusters: Hopper
         return gemv
     names = (["s32", "k32", "m64", "k64"] if M <= 64 else ["m64", "k64", "l128", "x256"] if M <= 512 else ["l128", "x256"])
     if wgmma and M >= 64:  # on Hopper the wgmma tiles replace the large mma.sync ones
-        names = names[:2] * (M == 64) + [n for n in kernel.WG_CONFIGS if kernel.WG_CONFIGS[n][1] <= max(64, 2 * M)]
+        names = names[:2] * (M == 64) + [n for n in tiles.WG_CONFIGS if tiles.WG_CONFIGS[n][1] <= max(64, 2 * M)]
     splits = [1] if not wgmma else [1, 2] if M > 512 else [1, 2, 4, 8]  # clusters: Hopper
     dequant = [("dequant", 1)] if M >= 512 else []  # expand + cuBLAS
     return [(n, cs) for n in names for cs in splits if cs <= math.ceil(K / 128)] + dequant
@@ -105,8 +106,8 @@ def candidates(M, N, K, wgmma):
 def candidates8(M, K):
     """wgmm8 tiles x cluster splits for --sweep --act fp8."""
     splits = [1, 2] if M > 512 else [1, 2, 4]
-    return [(n, cs) for n in kernel.WG8_CONFIGS for cs in splits if cs <= math.ceil(K / 128)
-            and kernel.WG8_CONFIGS[n][1] <= max(64, 2 * M)]
+    return [(n, cs) for n in tiles.WG8_CONFIGS for cs in splits if cs <= math.ceil(K / 128)
+            and tiles.WG8_CONFIGS[n][1] <= max(64, 2 * M)]
 
 
 def bench_kernels(args):
@@ -134,7 +135,7 @@ def bench_kernels(args):
             flops, nbytes = 2 * M * K * N, packed.numel() + 2 * M * K + 2 * M * N
             est = max(2.0, flops / 300e12 * 1e6, nbytes / 2e12 * 1e6)  # rough us per call, to size the graph
             n = int(min(200, max(10, args.graph_us / est)))
-            if args.sweep and M != 2:  # time every candidate config; the fastest goes into kernel._TUNED(8)
+            if args.sweep and M != 2:  # time every candidate config; the fastest goes into tiles.TUNED(8)
                 best = None
                 for name, cs in candidates8(M, K) if fp8 else candidates(M, N, K, wgmma):
                     yc = kernel.ternary_matmul(x, packed, alpha, N, K, config=(name, cs), fp8=fp8)
@@ -148,11 +149,11 @@ def bench_kernels(args):
                     elif best is None or t < best[0]:
                         best = (t, (name, cs))
                 if best:
-                    (kernel._TUNED8 if fp8 else kernel._TUNED).setdefault((K, N), {})[M] = best[1]
+                    (tiles.TUNED8 if fp8 else tiles.TUNED).setdefault((K, N), {})[M] = best[1]
             y = kernel.ternary_matmul(x, packed, alpha, N, K, fp8=fp8)
             err = ((y.float() - ref).norm() / ref.norm()).item()
             tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, fp8=fp8), n, args.reps)
-            chosen = kernel._pick8(M, N, K, sms) if fp8 else kernel._pick(M, N, K, sms, wgmma)  # the dispatch's choice
+            chosen = tiles.pick8(M, N, K, sms) if fp8 else tiles.pick(M, N, K, sms, wgmma)  # the dispatch's choice
             tc = time_graph(lambda i: F.linear(x, Wb[i % len(Wb)]), n, args.reps)
             r = dict(model=model, layer=layer, K=K, N=N, M=M, kernel_us=tk, cublas_us=tc, speedup=tc / tk,
                      TBps=nbytes / tk / 1e6, TFLOPs=flops / tk / 1e6, cublas_TFLOPs=flops / tc / 1e6,
@@ -515,10 +516,10 @@ def main():
         rows, sweep = bench_kernels(args)
         acts = "fp8 activations (quant8 + wgmm8)" if args.act == "fp8" else "bf16 activations"
         md += markdown(rows, f"Ternary kernel, {acts}, vs cuBLAS bf16 F.linear (cold weights, CUDA graphs)")
-        tuned = kernel._TUNED8 if args.act == "fp8" else kernel._TUNED
+        tuned = tiles.TUNED8 if args.act == "fp8" else tiles.TUNED
         results.update(kernels=rows, sweep=sweep, tuned={f"{k[0]}x{k[1]}": v for k, v in tuned.items()})
         if args.sweep:
-            print("_TUNED8 =" if args.act == "fp8" else "_TUNED =", tuned)
+            print("TUNED8 =" if args.act == "fp8" else "TUNED =", tuned)
     if args.what in ("model", "all"):
         rows, table = bench_model(args)
         md += "\n" + table

@@ -56,9 +56,9 @@ applied in the epilogue:
     4 wgmmas into a second register set while the current one multiplies.
 When (N/BN)*(M/BM) CTAs cannot fill the SMs, K is also split over a thread-block *cluster* of CS = 2..8 CTAs
 (Hopper) whose partial tiles are summed through distributed shared memory (mapa + ld.shared::cluster): one
-launch, no workspace, memset or atomics, deterministic, CUDA-graph safe. CONFIGS / WG_CONFIGS / WG8_CONFIGS
-list the tiles (GEMV tiles are named by their parameters); _TUNED / _TUNED8 hold the fastest (config, CS) per
-shape and M measured with `python bench.py --sweep` (`--act fp8`); _pick / _pick8 fall back to a heuristic.
+launch, no workspace, memset or atomics, deterministic, CUDA-graph safe. Which tile and split runs a problem:
+tiles.py (the tile catalogue, the fastest choice per shape and M measured by `python bench.py --sweep`, and
+heuristics for other shapes).
 
 What limits it (H200: 4.8 TB/s, ~990 TFLOP/s dense bf16; cuBLAS reaches ~800 on these shapes). At K=N=3072
 the bf16 weights are 18.9 MB, the 2-bit ones 2.4 MB: 8x fewer bytes. Each token adds 2*K*N FLOPs but no
@@ -80,13 +80,14 @@ matrix for cuBLAS instead (below).
 import ctypes
 import functools
 import os
-import re
 import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import tiles
 
 try:
     import cupy as cp
@@ -196,58 +197,6 @@ def quantize_fp8_ref(x2, Mp):
 
 _CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cu")
 
-# mma.sync tiles, name: (WNT, WMT, WN, WM, WK, ST, NACC) -> CTA tile BN = 16*WNT*WN output channels x
-# BM = 8*WMT*WM tokens; WN x WM x WK warps (WK warp groups split each stage's K), ST pipeline stages, NACC
-# accumulator sets
-CONFIGS = {
-    "s32": (1, 4, 4, 1, 1, 6, 2), "k32": (1, 4, 2, 1, 4, 3, 1), "k64": (2, 4, 2, 2, 2, 3, 1),
-    "m64": (2, 4, 2, 2, 1, 4, 1), "l128": (4, 8, 2, 2, 1, 3, 1), "x256": (4, 8, 4, 2, 1, 4, 1),
-}
-# GEMV tiles (tmv, M <= 16) are named by their parameters, "v<TN>x<KW>m<MT>c<CPW>": a CTA of TN n16-tiles x KW
-# warps along K, up to 8*MT tokens, a warp up to CPW k128 chunks in registers (a CTA takes K <= 128*KW*CPW, a
-# cluster of CS CTAs CS times that). Their best shape depends on K, so the tuned table spells them out.
-GEMV_MAX_M = 16
-
-
-@functools.lru_cache(maxsize=None)
-def _gv(name):
-    """(TN, KW, MT, CPW) of a GEMV tile name, or None for other names (cached: _launch asks on every call)."""
-    m = re.fullmatch(r"v(\d+)x(\d+)m([12])c(\d+)", name)
-    return tuple(int(v) for v in m.groups()) if m else None
-
-
-# wgmma tiles (sm_90a), name: (WGN, BM, ST, MINB) -> BN = 64*WGN channels x BM tokens, WGN warpgroups, ST stages,
-# MINB CTAs per SM: a warpgroup waits for its own wgmmas, so the SM needs several warpgroups to keep the tensor
-# cores busy. Each won rows of an H200 sweep (a 5-stage w2x128 won none; 3 x 64 channels x 64 tokens spilled).
-WG_CONFIGS = {"w64": (1, 64, 4, 3), "w64s6": (1, 64, 6, 2), "w128": (1, 128, 3, 2), "w2x64": (2, 64, 4, 2),
-              "w2x128": (2, 128, 3, 2), "w3x128": (3, 128, 4, 1), "w2x256": (2, 256, 3, 1)}
-# ternary x fp8 wgmma tiles (wgmm8), same fields: the survivors of an H200 sweep. Independent CTAs of one
-# warpgroup did best (a CTA's warpgroups wait for one another's stage releases); 4 warpgroups per CTA did worst.
-WG8_CONFIGS = {"f64": (1, 64, 6, 3), "f128": (1, 128, 4, 3), "f2x128": (2, 128, 4, 2), "f2x256": (2, 256, 4, 1)}
-
-
-def _tile(name):
-    """(BN, BM, threads, dynamic shared memory bytes) of a config."""
-    if gv := _gv(name):
-        tn, kw, mt, cpw = gv
-        return 16 * tn, 8 * mt, 32 * tn * kw, _gv_smem(name, 8 * mt, kw * cpw)
-    if name in WG_CONFIGS or name in WG8_CONFIGS:
-        fp8 = name in WG8_CONFIGS
-        wgn, bm, st, _ = (WG8_CONFIGS if fp8 else WG_CONFIGS)[name]
-        bn, xrow = 64 * wgn, 128 if fp8 else 256  # bytes of a token's k128 chunk
-        smem = max(st * (bm * xrow + wgn * 2048), bm * (bn + 4) * 4) + 1024  # +1024: alignment
-        return bn, bm, 128 * wgn, smem
-    wnt, wmt, wn, wm, wk, st, _ = CONFIGS[name]
-    bn, bm, nthr = 16 * wnt * wn, 8 * wmt * wm, 32 * wn * wm * wk
-    return bn, bm, nthr, max(st * wk * (bn * 32 + bm * 256), wk * bm * (bn + 4) * 4)
-
-
-def _gv_smem(name, M, kcz):
-    """Shared memory of a GEMV tile for M tokens and kcz chunks per CTA: fp32 partials, then X's rows."""
-    tn, kw, mt, _ = _gv(name)
-    return kw * tn * mt * 512 + M * kcz * 256
-
-
 def _magic_consts(bf16):
     """(PER, MAGIC, SCALES, BIASES) of the LOP3/FMA dequant; exact for codes 0..2 (tested on CPU)."""
     dt, per, magic = (torch.bfloat16, 3, 128.0) if bf16 else (torch.float16, 5, 1024.0)
@@ -283,11 +232,11 @@ def _source(kind, name=None, cs=1, bf16=True, bias=0, avec=False):
                  BIASES=",".join(f"{v:#x}u" for v in bi), DT='"bf16"' if bf16 else '"f16"', IS_BF16=int(bf16),
                  BIAS=bias, AVEC=int(avec), CLUSTER=f"__cluster_dims__(1, 1, {cs})" if cs > 1 else "")
     if kind == "TMM":
-        d.update(zip(("WNT", "WMT", "WN", "WM", "WK", "ST", "NACC"), CONFIGS[name]))
+        d.update(zip(("WNT", "WMT", "WN", "WM", "WK", "ST", "NACC"), tiles.CONFIGS[name]))
     if kind == "TMV":
-        d.update(zip(("TN", "KW", "MT", "CPW"), _gv(name)))
+        d.update(zip(("TN", "KW", "MT", "CPW"), tiles.gemv_tile(name)))
     if kind in ("WGMM", "WGMM8"):
-        d.update(zip(("WGN", "BM", "ST", "MINB"), (WG_CONFIGS if kind == "WGMM" else WG8_CONFIGS)[name]))
+        d.update(zip(("WGN", "BM", "ST", "MINB"), (tiles.WG_CONFIGS if kind == "WGMM" else tiles.WG8_CONFIGS)[name]))
     with open(_CU) as f:
         src = f.read()
     if kind in ("WGMM", "WGMM8"):
@@ -301,12 +250,12 @@ def _kernel(name, cs, bf16, bias, avec, device):
     """Compile (NVRTC) and cache one config; must first run outside CUDA-graph capture."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("kernel.py: call ternary_matmul once eagerly (to compile) before graph capture")
-    kind, fn = (("WGMM", "wgmm") if name in WG_CONFIGS else ("WGMM8", "wgmm8") if name in WG8_CONFIGS
-                else ("TMV", "tmv") if _gv(name) else ("TMM", "tmm"))
+    kind, fn = (("WGMM", "wgmm") if name in tiles.WG_CONFIGS else ("WGMM8", "wgmm8") if name in tiles.WG8_CONFIGS
+                else ("TMV", "tmv") if tiles.gemv_tile(name) else ("TMM", "tmm"))
     options = ("-std=c++17", "-arch=sm_90a") if kind.startswith("WGMM") else ("-std=c++17",)  # wgmma: sm_90a only
     with cp.cuda.Device(device):
         k = cp.RawModule(code=_source(kind, name, cs, bf16, bias, avec), options=options).get_function(fn)
-        nthr, smem = _tile(name)[2:]  # a GEMV tile's is its most (16 tokens); _launch checks what it uses
+        nthr, smem = tiles.dims(name)[2:]  # a GEMV tile's is its most (16 tokens); _launch checks what it uses
         if smem > 48 * 1024:
             k.max_dynamic_shared_size_bytes = min(smem, _gpu(device).smem)
     if k.max_threads_per_block < nthr:
@@ -327,109 +276,6 @@ def _gpu(device):
     p = torch.cuda.get_device_properties(device)
     return _GPU(p.multi_processor_count, (p.major, p.minor) == (9, 0), p.shared_memory_per_block_optin)
 
-# -----------------------------------------------------------------------------
-# choosing a config
-
-# fastest (config, cluster split) per (K, N) -> {M: ...}, from `python bench.py --what kernels --sweep` on an
-# NVIDIA H200 (candidates: mma.sync and wgmma tiles x cluster splits, and dequant + cuBLAS from M = 512, which
-# won nowhere); a problem uses the entry of the smallest tuned M >= its M. wgmma entries apply on Hopper only
-# (_pick falls back to its heuristic elsewhere).
-_TUNED = {
-    (1536, 1536): {1: ('v1x4m1c3', 1), 8: ('v1x16m1c1', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
-    (1536, 4096): {1: ('v2x4m1c3', 1), 8: ('v2x4m1c3', 1), 16: ('v2x4m2c3', 1), 64: ('w64s6', 2), 256: ('w2x64', 2), 512: ('w128', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
-    (4096, 1536): {1: ('v1x8m1c4', 1), 8: ('v1x16m1c2', 1), 16: ('v1x8m2c4', 1), 64: ('w64', 8), 256: ('w128', 4), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
-    (1024, 9216): {1: ('v1x4m1c2', 1), 8: ('v2x4m1c2', 1), 16: ('v2x4m2c2', 1), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (3072, 3072): {1: ('v1x8m1c3', 1), 8: ('v2x8m1c3', 1), 16: ('v2x4m2c6', 1), 64: ('w64s6', 4), 256: ('w64', 2), 512: ('w3x128', 2), 2048: ('w2x128', 2), 8192: ('w2x256', 1)},
-    (3072, 8192): {1: ('v1x8m1c3', 1), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w64', 2), 256: ('w2x128', 2), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
-    (8192, 3072): {1: ('v1x16m1c4', 1), 8: ('v2x8m1c8', 1), 16: ('v4x4m2c8', 2), 64: ('w2x64', 8), 256: ('w2x256', 4), 512: ('w3x128', 2), 2048: ('w2x256', 2), 8192: ('w2x256', 1)},
-    (1024, 18432): {1: ('v2x2m1c4', 1), 8: ('v1x4m1c2', 1), 16: ('v2x2m2c4', 1), 64: ('w64', 1), 256: ('w2x128', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (1152, 1152): {1: ('v1x16m1c1', 1), 8: ('v1x8m1c2', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 4), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x128', 1)},
-    (1536, 4608): {1: ('v1x16m1c1', 1), 8: ('v4x4m1c3', 1), 16: ('v4x2m2c6', 1), 64: ('w64', 4), 256: ('w64', 1), 512: ('w3x128', 1), 2048: ('w2x128', 1), 8192: ('w2x256', 1)},
-    (1536, 8192): {1: ('v2x4m1c3', 1), 8: ('v4x4m1c3', 1), 16: ('v4x2m2c6', 1), 64: ('w64', 2), 256: ('w128', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
-    (3072, 9216): {1: ('v1x8m1c3', 1), 8: ('v2x4m1c6', 1), 16: ('v2x4m2c6', 1), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w3x128', 2), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
-    (3072, 16384): {1: ('v2x2m1c6', 2), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w2x64', 2), 256: ('w2x256', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
-}
-WGMMA_MIN_M = 64  # from here on Hopper the wgmma kernel (the heuristic's threshold; _TUNED may say otherwise)
-
-
-def _split(M, N, K, name, sms):
-    """Cluster split of K: the smallest power of two that (nearly) fills the SMs, at most 8."""
-    bn, bm = _tile(name)[:2]
-    tiles, kc, cs = -(-N // bn) * -(-M // bm), -(-K // 128), 1
-    while cs < 8 and 2 * cs <= kc and tiles * cs < sms:
-        cs *= 2
-    return cs
-
-
-_TUNED8 = {  # as _TUNED, for fp8 activations: `python bench.py --what kernels --act fp8 --sweep` on an NVIDIA H200
-    (1536, 1536): {64: ('f64', 4), 256: ('f128', 4), 512: ('f64', 2), 2048: ('f128', 1), 8192: ('f2x128', 1)},
-    (1536, 4096): {64: ('f64', 4), 256: ('f128', 2), 512: ('f2x128', 2), 2048: ('f2x128', 1), 8192: ('f2x128', 1)},
-    (4096, 1536): {64: ('f64', 4), 256: ('f128', 4), 512: ('f2x256', 4), 2048: ('f128', 1), 8192: ('f2x128', 1)},
-    (3072, 3072): {64: ('f64', 4), 256: ('f64', 2), 512: ('f128', 2), 2048: ('f128', 1), 8192: ('f2x128', 1)},
-    (3072, 8192): {64: ('f64', 2), 256: ('f2x128', 2), 512: ('f2x256', 1), 2048: ('f2x256', 1), 8192: ('f2x256', 1)},
-    (8192, 3072): {64: ('f64', 4), 256: ('f2x256', 4), 512: ('f128', 2), 2048: ('f2x256', 2), 8192: ('f2x256', 1)},
-    (1152, 1152): {64: ('f64', 4), 256: ('f64', 4), 512: ('f64', 2), 2048: ('f128', 1), 8192: ('f128', 1)},
-    (1536, 4608): {64: ('f64', 4), 256: ('f128', 2), 512: ('f128', 1), 2048: ('f128', 1), 8192: ('f2x128', 1)},
-    (1536, 8192): {64: ('f64', 2), 256: ('f2x128', 2), 512: ('f2x128', 1), 2048: ('f2x128', 1), 8192: ('f2x128', 1)},
-    (3072, 9216): {64: ('f64', 2), 256: ('f128', 1), 512: ('f128', 2), 2048: ('f128', 1), 8192: ('f2x128', 1)},
-    (3072, 16384): {64: ('f2x128', 2), 256: ('f2x256', 1), 512: ('f2x256', 1), 2048: ('f2x256', 1), 8192: ('f2x256', 1)},
-}
-
-
-def _tuned(table, M, N, K):
-    """A tuned table's entry for a problem (that of the smallest tuned M >= M, else of the largest), or None."""
-    t = table.get((K, N))
-    return t[min((m for m in t if m >= M), default=max(t))] if t else None
-
-
-def _widest(names, M, N, K, sms):
-    """(config, cluster split): the first of names (widest first) whose tiles give about a CTA per SM, else the
-    last; then the cluster split that fills the SMs."""
-    for name in names:
-        bn, bm = _tile(name)[:2]
-        if -(-N // bn) * -(-M // bm) >= sms:
-            break
-    return name, _split(M, N, K, name, sms)
-
-
-def _pick8(M, N, K, sms=132):
-    """(wgmm8 config, cluster split) for fp8 activations: the tuned table, else the widest tile that fills the SMs."""
-    return _tuned(_TUNED8, M, N, K) or _widest(("f2x256", "f128", "f64"), M, N, K, sms)
-
-
-def _gemv(M, K, clusters):
-    """Untuned GEMV tile for M <= 16: one n16-tile x 8 warps per CTA (the most common winner of the sweep), K split
-    over a cluster while X's rows would take more than 96 KB of shared memory; None when K is too long for it."""
-    kc, cs = -(-K // 128), 1
-    while clusters and cs < 8 and M * -(-kc // cs) * 256 > 96 * 1024:
-        cs *= 2
-    kcz = -(-kc // cs)
-    name = f"v1x8m{1 if M <= 8 else 2}c{-(-kcz // 8)}"
-    return (name, cs) if kcz <= 64 and _gv_smem(name, M, kcz) <= 200 * 1024 else None
-
-
-def _pick(M, N, K, sms=132, wgmma=False):
-    """(config, cluster split) for a problem: the tuned table, else a heuristic distilled from it. The config
-    may be "dequant" (expand + cuBLAS). Off Hopper, tuned wgmma/dequant/cluster entries give way to the heuristic,
-    which then splits no K over clusters (sm_90 and later)."""
-    hit = _tuned(_TUNED, M, N, K)
-    if hit and (wgmma or (hit[0] in CONFIGS or _gv(hit[0])) and hit[1] == 1):
-        return hit
-    if not wgmma and _use_dequant(M, N, K):
-        return "dequant", 1
-    if wgmma and M >= WGMMA_MIN_M:
-        return _widest(("w2x256", "w2x128", "w64"), M, N, K, sms)
-    if M <= GEMV_MAX_M and (gemv := _gemv(M, K, wgmma)):
-        return gemv
-    if M <= 64:
-        name = "k32" if K <= 1536 else "m64"
-    elif M <= 512:
-        name = "m64" if N * K <= 1536 * 1536 else "l128"
-    else:
-        name = "x256" if N % 256 == 0 else "l128"
-    return name, _split(M, N, K, name, sms) if wgmma else 1
-
-
 @functools.lru_cache(maxsize=None)
 def _stream(ptr, device):
     """cupy view of a torch stream (cached: creating one per call costs Python time and a warning)."""
@@ -446,16 +292,16 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
     """Launch one config on torch's current stream. x2 (M, Kp) contiguous (for a wgmm8 tile: the fp8 image
     (Kp/128, Mp, 128) and its scales (Mp,)), y (M, N) output, bias (N,) in y's dtype or float32, contiguous, or None."""
     M, Kp = y.shape[0], _padded(N, K)[1]
-    bn, bm, nthr, smem = _tile(name)
-    if gv := _gv(name):  # the GEMV's shared memory holds X's M rows of the CTA's chunks
+    bn, bm, nthr, smem = tiles.dims(name)
+    if gv := tiles.gemv_tile(name):  # the GEMV's shared memory holds X's M rows of the CTA's chunks
         kcz, (_, kw, _, cpw) = -(-Kp // 128 // cs), gv
-        smem = _gv_smem(name, M, kcz)
+        smem = tiles.gemv_smem(name, M, kcz)
         if M > bm or kcz > kw * cpw or smem > _gpu(y.device.index).smem:
             raise ValueError(f"GEMV tile {name}/cs{cs} takes M <= {bm}, K <= {128 * kw * cpw * cs} and X's rows in "
                              f"shared memory ({smem} bytes here), got M={M}, K={K}")
     k = _kernel(name, cs, y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), alpha.numel() > 1, y.device.index)
     nt16 = _padded(N, K)[0] // 16
-    if name in WG_CONFIGS:  # wgmm reads X through a tensor map, passed by value
+    if name in tiles.WG_CONFIGS:  # wgmm reads X through a tensor map, passed by value
         xargs = (_x_map(x2.data_ptr(), M, Kp, bm),)
     elif scales is not None:  # wgmm8: quant8's image of X, its scales, its padded row count
         xargs = (cp.uint64(x2.data_ptr()), cp.uint64(scales.data_ptr()), cp.int32(x2.shape[1]))
@@ -516,13 +362,6 @@ def quantize_fp8(x2, Mp):
 # bound, and cuBLAS (~780 TFLOP/s on Hopper) beats our mma.sync (~360) by more than the extra pass costs: one
 # read of the 2-bit codes and one write of K*N 16-bit values (3072x3072: 2.4 + 18.9 MB, ~8 us), layer by layer
 # into a transient buffer (one layer's worth of memory, reused). Small M, where 2 bits pay, never takes this path.
-
-DEQUANT_MIN_M, DEQUANT_MIN_K = 512, 1152  # from bench.py's H100 table: below either, the fused kernel is faster
-
-
-def _use_dequant(M, N, K):
-    return M >= DEQUANT_MIN_M and K >= DEQUANT_MIN_K and K % 128 == 0 and N % 16 == 0
-
 
 @functools.lru_cache(maxsize=None)
 def _aux_kernel(kind, bf16, device):
@@ -604,19 +443,19 @@ def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None, fp8=False):
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         if M > 0:
             xq, scales = quantize_fp8(x2, -(-M // FP8_ROWS) * FP8_ROWS)
-            name, cs = config or _pick8(M, N, K, sms)
-            if name not in WG8_CONFIGS:
-                raise ValueError(f"fp8 activations take a wgmm8 tile ({', '.join(WG8_CONFIGS)}), got {name}")
+            name, cs = config or tiles.pick8(M, N, K, sms)
+            if name not in tiles.WG8_CONFIGS:
+                raise ValueError(f"fp8 activations take a wgmm8 tile ({', '.join(tiles.WG8_CONFIGS)}), got {name}")
             _launch(xq, packed, alpha, y, N, K, name, cs, bias, scales)
         return y.view(*lead, N)
-    name, cs = config or _pick(M, N, K, sms, wgmma)
+    name, cs = config or tiles.pick(M, N, K, sms, wgmma)
     if name == "dequant":
         if K % 128 or N % 16:
             raise ValueError(f"the dequant path needs K % 128 == 0 and N % 16 == 0, got K={K}, N={N}")
         return _dequant_matmul(x2, packed, alpha, N, K, bias).view(*lead, N)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M > 0:
-        if name in WG_CONFIGS and not wgmma:
+        if name in tiles.WG_CONFIGS and not wgmma:
             raise ValueError(f"config {name} needs wgmma (compute capability 9.0)")
         _launch(x2, packed, alpha, y, N, K, name, cs, bias)
     return y.view(*lead, N)

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernel  # noqa: E402
+import tiles  # noqa: E402
 
 
 def rand_trits(N, K, gen=None, device="cpu"):
@@ -70,30 +71,30 @@ def test_older_tile_order_roundtrip():
 
 def gemv_fits(name, cs, M, K):
     """A GEMV tile takes the problem: M tokens, K in its warps' registers, X's rows in shared memory."""
-    tn, kw, mt, cpw = kernel._gv(name)
+    tn, kw, mt, cpw = tiles.gemv_tile(name)
     kcz = -(-K // 128 // cs)
-    return M <= 8 * mt and kcz <= kw * cpw and kernel._gv_smem(name, M, kcz) <= 227 * 1024
+    return M <= 8 * mt and kcz <= kw * cpw and tiles.gemv_smem(name, M, kcz) <= 227 * 1024
 
 
 def test_dispatch_names_only_existing_tiles():
-    """Every _TUNED / _TUNED8 entry names a tile that exists (a GEMV tile: one that takes the shape), and off Hopper
-    _pick never returns a wgmma tile or a cluster split."""
-    tile = lambda name: name in kernel.CONFIGS or name in kernel.WG_CONFIGS or kernel._gv(name) is not None
-    for (K, N), by_m in kernel._TUNED.items():
+    """Every TUNED / TUNED8 entry names a tile that exists (a GEMV tile: one that takes the shape), and off Hopper
+    pick never returns a wgmma tile or a cluster split."""
+    tile = lambda name: name in tiles.CONFIGS or name in tiles.WG_CONFIGS or tiles.gemv_tile(name) is not None
+    for (K, N), by_m in tiles.TUNED.items():
         assert all(tile(name) for name, _ in by_m.values())
-        assert all(gemv_fits(name, cs, M, K) for M, (name, cs) in by_m.items() if kernel._gv(name))
+        assert all(gemv_fits(name, cs, M, K) for M, (name, cs) in by_m.items() if tiles.gemv_tile(name))
         for M in (1, 2, 9, 16, 17, 64, 100, 512, 5000, 20000):
-            name, cs = kernel._pick(M, N, K, wgmma=False)
-            assert (name in kernel.CONFIGS or name == "dequant" or kernel._gv(name)) and cs == 1
-            name, cs = kernel._pick(M, N, K, wgmma=True)
+            name, cs = tiles.pick(M, N, K, wgmma=False)
+            assert (name in tiles.CONFIGS or name == "dequant" or tiles.gemv_tile(name)) and cs == 1
+            name, cs = tiles.pick(M, N, K, wgmma=True)
             assert tile(name) and cs in (1, 2, 4, 8)
-            assert (M <= kernel.GEMV_MAX_M) == (kernel._gv(name) is not None)
-            assert not kernel._gv(name) or gemv_fits(name, cs, M, K)
+            assert (M <= tiles.GEMV_MAX_M) == (tiles.gemv_tile(name) is not None)
+            assert not tiles.gemv_tile(name) or gemv_fits(name, cs, M, K)
     for M, N, K in [(1, 17, 100), (70, 333, 1100), (4096, 5000, 640)]:  # untuned shapes: the heuristic
-        assert tile(kernel._pick(M, N, K, wgmma=True)[0])
-        assert kernel._pick8(M, N, K)[0] in kernel.WG8_CONFIGS
-    for (K, N), by_m in kernel._TUNED8.items():  # fp8 activations: wgmm8 tiles only
-        assert all(name in kernel.WG8_CONFIGS and cs in (1, 2, 4, 8) for name, cs in by_m.values())
+        assert tile(tiles.pick(M, N, K, wgmma=True)[0])
+        assert tiles.pick8(M, N, K)[0] in tiles.WG8_CONFIGS
+    for (K, N), by_m in tiles.TUNED8.items():  # fp8 activations: wgmm8 tiles only
+        assert all(name in tiles.WG8_CONFIGS and cs in (1, 2, 4, 8) for name, cs in by_m.values())
 
 
 @pytest.mark.parametrize("wgmma", [False, True])
@@ -102,12 +103,13 @@ def test_gemv_heuristic_takes_every_small_problem(wgmma):
     rows are long), else, for K too long for it (off Hopper: X's rows too long for one CTA), an mma.sync tile."""
     for M in (1, 2, 7, 8, 9, 16):
         for K in (1, 100, 129, 1000, 4000, 8192, 20000, 70000):
-            name, cs = kernel._pick(M, 77, K, wgmma=wgmma)
-            if kernel._gv(name):
+            name, cs = tiles.pick(M, 77, K, wgmma=wgmma)
+            if tiles.gemv_tile(name):
                 assert gemv_fits(name, cs, M, K) and cs in ((1, 2, 4, 8) if wgmma else (1,))
             else:
-                assert name in kernel.CONFIGS and (K > 8192 or not wgmma and M * K * 2 > 200 * 1024)
-    assert kernel._gv("v2x4m1c3") == (2, 4, 1, 3) and kernel._gv("w64") is None and kernel._gv("v2x4m3c1") is None
+                assert name in tiles.CONFIGS and (K > 8192 or not wgmma and M * K * 2 > 200 * 1024)
+    assert tiles.gemv_tile("v2x4m1c3") == (2, 4, 1, 3)
+    assert tiles.gemv_tile("w64") is None and tiles.gemv_tile("v2x4m3c1") is None
 
 
 def test_sweep_gemv_candidates_take_their_problems():
@@ -118,8 +120,8 @@ def test_sweep_gemv_candidates_take_their_problems():
         for K, N in [(K, N) for _, _, K, N in bench.SHAPES]:
             for wgmma in (False, True):
                 cands = bench.candidates(M, N, K, wgmma)
-                gemv = [(n, cs) for n, cs in cands if kernel._gv(n)]
-                assert gemv or not wgmma and cands and all(n in kernel.CONFIGS for n, _ in cands)
+                gemv = [(n, cs) for n, cs in cands if tiles.gemv_tile(n)]
+                assert gemv or not wgmma and cands and all(n in tiles.CONFIGS for n, _ in cands)
                 assert all(gemv_fits(n, cs, M, K) for n, cs in gemv) and (wgmma or all(cs == 1 for _, cs in cands))
 
 
@@ -286,7 +288,7 @@ def gpu_cases():
 
 def all_configs():
     wg = torch.cuda.is_available() and kernel._gpu(torch.cuda.current_device()).wgmma
-    return list(kernel.CONFIGS) + (list(kernel.WG_CONFIGS) if wg else [])
+    return list(tiles.CONFIGS) + (list(tiles.WG_CONFIGS) if wg else [])
 
 
 def reference(x, w, alpha):
@@ -420,7 +422,7 @@ def test_fp8_every_config_poisoned():
         check(kernel.ternary_matmul(x, packed, alpha, N, K, fp8=True), reference(x, w, alpha), tol=0.05)  # vs bf16
         xq, scales = kernel.quantize_fp8(torch.nn.functional.pad(x, (0, kernel._padded(N, K)[1] - K)),
                                          -(-M // kernel.FP8_ROWS) * kernel.FP8_ROWS)
-        for name in kernel.WG8_CONFIGS:
+        for name in tiles.WG8_CONFIGS:
             for cs in (1, 2, 4):
                 for b, want in ((None, ref), (bias, ref_b)):
                     y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
