@@ -110,6 +110,23 @@ def unpack_base3(packed, N, K):
 # -----------------------------------------------------------------------------
 # the deployment-time ternary layer
 
+def _autocast(x):
+    """x in autocast's dtype inside an autocast region (the packed layers act like nn.Linear there: the kernel needs
+    bf16/fp16), else x."""
+    return x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
+
+
+def _stack_codes(owner, linears):
+    """Stack the linears' codes along N into owner's buffer "packed" (left out of the state dict) and make each
+    linear's `packed` a view of its rows, so nothing is stored twice. pack_2bit stores 16-row tiles one after
+    another, so for widths that are multiples of 16 the stack is the codes concatenated (tests/test_pack.py)."""
+    owner.register_buffer("packed", torch.cat([m.packed for m in linears]), persistent=False)
+    end = 0
+    for m in linears:
+        m.packed = owner.packed[end: end + m.out_features]
+        end += m.out_features
+
+
 class PackedTernaryLinear(nn.Module):
     """y = x · (α W̃)ᵀ + b with W̃ held as kernel.pack_2bit codes (uint8) and multiplied by kernel.ternary_matmul
     through its custom op (kernel.ternary_matmul_op), so that torch.compile traces the layer without a break;
@@ -125,9 +142,7 @@ class PackedTernaryLinear(nn.Module):
         self.fp8 = False
 
     def forward(self, x):
-        if torch.is_autocast_enabled(x.device.type):  # act like nn.Linear under autocast: the kernel needs bf16/fp16
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        return kernel.ternary_matmul_op(x, self.packed, self.alphas, self.out_features, self.in_features, self.bias,
+        return kernel.ternary_matmul_op(_autocast(x), self.packed, self.alphas, self.out_features, self.in_features, self.bias,
                                         self.fp8)
 
     def _apply(self, fn, recurse=True):
@@ -164,16 +179,12 @@ class FusedAdaLN(nn.Module):
         self.in_features, self.width = first.in_features, first.out_features  # cond_dim, 6 * dim
         if self.width % kernel.TILE_N:
             raise ValueError(f"adaLN width {self.width} is not a multiple of {kernel.TILE_N}: cannot stack the codes")
-        self.register_buffer("packed", torch.cat([m.packed for m in self.linears]), persistent=False)
+        _stack_codes(self, self.linears)
         self.register_buffer("one", torch.ones(1, device=first.packed.device), persistent=False)
-        for i, m in enumerate(self.linears):
-            m.packed = self.packed[i * self.width: (i + 1) * self.width]
 
     def forward(self, c):
         """c (N, cond_dim) -> every block's modulation, (N, depth, 6 * dim)."""
-        x = F.silu(c)
-        if torch.is_autocast_enabled(x.device.type):  # as PackedTernaryLinear
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = _autocast(F.silu(c))
         depth = len(self.linears)
         # never fp8 (set_act leaves adaLN alone): M is the batch, too few rows for 8-bit activations to pay, and
         # these modulations scale and gate every block's residual stream
@@ -202,19 +213,20 @@ class FusedLinears(nn.Module):
     def __init__(self, linears):
         super().__init__()
         self.linears = list(linears)  # a plain list: the block stays their owner
-        k = self.linears[0].in_features
-        if not all(isinstance(m, PackedTernaryLinear) and m.bias is None and m.in_features == k
-                   and m.out_features % kernel.TILE_N == 0 for m in self.linears):
+        if not self.fits(self.linears):
             raise ValueError("FusedLinears needs packed linears without bias, of one input width, each output width "
                              f"a multiple of {kernel.TILE_N}")
         self.widths = [m.out_features for m in self.linears]
-        self.register_buffer("packed", torch.cat([m.packed for m in self.linears]), persistent=False)
-        for m, end in zip(self.linears, torch.tensor(self.widths).cumsum(0).tolist()):
-            m.packed = self.packed[end - m.out_features: end]
+        _stack_codes(self, self.linears)
+
+    @staticmethod
+    def fits(linears):
+        """Whether these linears can be fused: packed, no bias, one input width, each width on the 16-row tile."""
+        return all(isinstance(m, PackedTernaryLinear) and m.bias is None and m.in_features == linears[0].in_features
+                   and m.out_features % kernel.TILE_N == 0 for m in linears)
 
     def forward(self, x):
-        if torch.is_autocast_enabled(x.device.type):  # as PackedTernaryLinear
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = _autocast(x)
         alphas = torch.cat([m.alphas.expand(m.out_features) for m in self.linears])  # (N,) float32
         first = self.linears[0]
         y = kernel.ternary_matmul_op(x, self.packed, alphas, sum(self.widths), first.in_features, None, first.fp8)
@@ -226,12 +238,12 @@ def fuse(model):
     TerDiT.modulations uses from then on) and, in each block, wq/wk/wv and w1/w3 (FusedLinears). Call it after
     moving the model to its device (a later .to() copies the shared codes apart: correct, but stored twice)."""
     model.fused_adaln = FusedAdaLN(model.layers)
-    for block in model.layers:  # (each linear's codes must start on a 16-row tile of the stack)
+    for block in model.layers:  # linears that cannot be fused (FusedLinears.fits) stay apart
         attn, ff = block.attention, block.feed_forward
-        if attn.wq.out_features % kernel.TILE_N == 0:
-            attn.fused_qkv = FusedLinears([attn.wq, attn.wk, attn.wv])
-        if ff.w1.out_features % kernel.TILE_N == 0:
-            ff.fused_w13 = FusedLinears([ff.w1, ff.w3])
+        if FusedLinears.fits(qkv := [attn.wq, attn.wk, attn.wv]):
+            attn.fused_qkv = FusedLinears(qkv)
+        if FusedLinears.fits(w13 := [ff.w1, ff.w3]):
+            ff.fused_w13 = FusedLinears(w13)
     return model
 
 
