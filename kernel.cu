@@ -381,14 +381,17 @@ __device__ __forceinline__ void dequant8(u32 q, u32* a) {
 
 extern "C" __global__ void __launch_bounds__(NTHR, MINB) CLUSTER
 KNAME(const uint4* __restrict__ W, XPARAM, const float* __restrict__ alpha, const void* __restrict__ bias,
-      u16* __restrict__ Y, int M, int N, int KC, int NT16) {
+      u16* __restrict__ Y, int M, int N, int KC, int NT16, int tile0) {
   extern __shared__ uint4 smem_raw[];
   __shared__ __align__(8) u64 bars[2 * ST];    // full[s], then empty[s]
   const u32 pad = (1024 - (sptr(smem_raw) & 1023)) & 1023, sbase = sptr(smem_raw) + pad;
   char* smem = (char*)smem_raw + pad;
   const u32 full = sptr(bars), empty = full + 8 * ST;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int tn0 = blockIdx.x * (BN / 16), m0 = blockIdx.y * BM;
+  // output tile t: channel tiles first, so that CTAs running together share X's rows. A launch may run only the
+  // tiles from tile0 on (tiles.launches: a last, part-filled wave runs as a second launch that splits K)
+  const int t = tile0 + blockIdx.x, ntn = (NT16 + BN / 16 - 1) / (BN / 16);
+  const int tn0 = t % ntn * (BN / 16), m0 = t / ntn * BM;
   const int z = blockIdx.z, c0 = KC * z / CS, nch = KC * (z + 1) / CS - c0;  // this CTA's k128 chunks
   const float al = *alpha;
   if (tid == 0) {

@@ -56,7 +56,10 @@ applied in the epilogue:
     4 wgmmas into a second register set while the current one multiplies.
 When (N/BN)*(M/BM) CTAs cannot fill the SMs, K is also split over a thread-block *cluster* of CS = 2..8 CTAs
 (Hopper) whose partial tiles are summed through distributed shared memory (mapa + ld.shared::cluster): one
-launch, no workspace, memset or atomics, deterministic, CUDA-graph safe. Which tile and split runs a problem:
+launch, no workspace, memset or atomics, deterministic, CUDA-graph safe. When the tiles fill the SMs a few times
+over but leave the last wave at most half full (3072->9216 at M = 512: 144 tiles of 128 x 256 for 132 SMs), the
+wgmma kernels run the full waves as one launch and the last wave's tiles as a second one whose K is split over
+clusters (tiles.launches): it takes a fraction of a tile's time, not a whole one. Which tile and split runs a problem:
 tiles.py (the tile catalogue, the fastest choice per shape and M measured by `python bench.py --sweep`, and
 heuristics for other shapes).
 
@@ -68,13 +71,14 @@ shared memory 2.3 us after they start (the first cold DRAM read alone takes ~0.6
 more, the dequantisation ~0.3 us of the GPU's issue slots), then 0.3 us to sum and store, plus ~0.5 us of launch
 per graph node: 3.5-3.6 us against cuBLAS's 9.3-10.3 (2.7-2.9x; tmm, with its ring, cluster barriers and 4x
 the code, took 4.8). From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmm reaches
-678-776 TFLOP/s at M = 8192 on the 4.2B shapes, 0.99-1.07x cuBLAS, and wgmm8 with quant8 1.01-1.47x (README).
-At M = 256-512 3072->3072 stays at 0.74-0.81x: there are few output tiles for 132 SMs (96 of 128 x 128 at M =
-512) and a CTA runs only 12-24 chunks, so a ring's fill and an epilogue weigh (not profiled; the sweep's cluster
-splits help only part of the way). Nsight Compute on wgmm8 (M = 8192, an earlier session) showed the warps
-mostly waiting on mbarriers while L2 and DRAM were far from busy: each warpgroup's chain of wait, dequantise,
-multiply leaves the tensor cores partly idle. Off Hopper, M >= 512 expands the codes to a transient 16-bit
-matrix for cuBLAS instead (below).
+707-771 TFLOP/s at M = 8192 on the 4.2B shapes, 0.98-1.17x cuBLAS, and wgmm8 with quant8 1.01-1.49x (README).
+At M = 256-512 3072->3072 stays at 0.75-0.78x: few output tiles for 132 SMs (64 of 192 x 128 at M = 512, K split
+in 2) and 12 chunks per CTA. Per-CTA timers (H200) there: 2.0 us until the first stage lands, 13.1 us of main
+loop, 3.1 us of epilogue, against cuBLAS's 14.6 us for the whole; timing K = 512..8192 puts the main loop at ~700
+TFLOP/s where cuBLAS streams at ~850, with ~2 us more fixed cost (README). Nsight Compute on wgmm8 (M = 8192, an
+earlier session) showed the warps mostly waiting on mbarriers while L2 and DRAM were far from busy: each
+warpgroup's chain of wait, dequantise, multiply leaves the tensor cores partly idle. Off Hopper, M >= 512 expands
+the codes to a transient 16-bit matrix for cuBLAS instead (below).
 """
 
 import ctypes
@@ -299,7 +303,8 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
         if M > bm or kcz > kw * cpw or smem > _gpu(y.device.index).smem:
             raise ValueError(f"GEMV tile {name}/cs{cs} takes M <= {bm}, K <= {128 * kw * cpw * cs} and X's rows in "
                              f"shared memory ({smem} bytes here), got M={M}, K={K}")
-    k = _kernel(name, cs, y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), alpha.numel() > 1, y.device.index)
+    variant = (y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), alpha.numel() > 1, y.device.index)
+    k = _kernel(name, cs, *variant)
     nt16 = _padded(N, K)[0] // 16
     if name in tiles.WG_CONFIGS:  # wgmm reads X through a tensor map, passed by value
         xargs = (_x_map(x2.data_ptr(), M, Kp, bm),)
@@ -312,7 +317,11 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
             *(cp.int32(v) for v in (M, N, Kp // 128, nt16)))
     stream = _stream(torch.cuda.current_stream(y.device).cuda_stream, y.device.index)
     with cp.cuda.Device(y.device.index):
-        k((-(-nt16 * 16 // bn), -(-M // bm), cs), (nthr,), args, shared_mem=smem, stream=stream)
+        if name in tiles.WG_CONFIGS or name in tiles.WG8_CONFIGS:  # output tiles t0.. of the problem, K split z ways
+            for t0, n, z in tiles.launches(M, nt16 * 16, Kp, name, cs, _gpu(y.device.index).sms):
+                _kernel(name, z, *variant)((n, 1, z), (nthr,), args + (cp.int32(t0),), shared_mem=smem, stream=stream)
+        else:
+            k((-(-nt16 * 16 // bn), -(-M // bm), cs), (nthr,), args, shared_mem=smem, stream=stream)
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,7 +7,8 @@ tile's numbers to kernel.cu as #defines), the tables of the fastest tile per lay
     python bench.py --what kernels --act fp8 --sweep --m 64,256,512,2048,8192      # the same for TUNED8
 
 A problem is (M tokens, N output channels, K input features). A choice is (tile name, CS): CS > 1 splits K over a
-thread-block cluster of CS CTAs (Hopper). Which kernel a tile names, and how the kernels work: kernel.py.
+thread-block cluster of CS CTAs (Hopper); launches() says how a wgmma tile's grid runs (a part-filled last wave
+apart, its K split). Which kernel a tile names, and how the kernels work: kernel.py.
 """
 
 import functools
@@ -44,6 +45,25 @@ WG_CONFIGS = {"w64": (1, 64, 4, 3), "w64s6": (1, 64, 6, 2), "w128": (1, 128, 3, 
 # ternary x fp8 wgmma tiles (wgmm8), same fields: the survivors of an H200 sweep. Independent CTAs of one
 # warpgroup did best (a CTA's warpgroups wait for one another's stage releases); 4 warpgroups per CTA did worst.
 WG8_CONFIGS = {"f64": (1, 64, 6, 3), "f128": (1, 128, 4, 3), "f2x128": (2, 128, 4, 2), "f2x256": (2, 256, 4, 1)}
+
+
+def launches(M, N, K, name, cs, sms):
+    """How a wgmma tile's problem is launched: [(first output tile, tiles, cluster split)]. One launch, except where
+    more tiles than the SMs hold (sms x MINB) leave the last wave at most half full and K is not split: then the
+    full waves are one launch and the last wave's tiles a second one, K split over clusters that (nearly) fill the
+    SMs, so that wave takes a fraction of a tile's time instead of a whole one. (3072->9216 at M = 512 in tiles of
+    128 x 256: 144 tiles for 132 SMs, the last 12 split 8 ways.)"""
+    bn, bm = dims(name)[:2]
+    tiles, slots = -(-N // bn) * -(-M // bm), sms * {**WG_CONFIGS, **WG8_CONFIGS}[name][3]
+    full, rest = divmod(tiles, slots)
+    if cs > 1 or full == 0 or not 0 < rest <= slots // 2:
+        return [(0, tiles, cs)]
+    kc, cs2 = -(-K // 128), 1
+    while cs2 < 8 and 4 * cs2 <= kc and 2 * cs2 * rest <= slots:
+        cs2 *= 2
+    return [(0, full * slots, 1), (full * slots, rest, cs2)] if cs2 > 1 else [(0, tiles, 1)]
+# (Tried instead: stream-K, one launch of a CTA per SM, each an equal share of all the tiles' chunks, partial sums
+# handed on through a global workspace. Correct, but slower than this on every 4.2B shape measured (README).)
 
 
 def dims(name):
@@ -84,19 +104,19 @@ def use_dequant(M, N, K):
 # won nowhere); a problem uses the entry of the smallest tuned M >= its M. wgmma entries apply on Hopper only
 # (pick falls back to its heuristic elsewhere).
 TUNED = {
-    (1536, 1536): {1: ('v1x4m1c3', 1), 8: ('v1x16m1c1', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
-    (1536, 4096): {1: ('v2x4m1c3', 1), 8: ('v2x4m1c3', 1), 16: ('v2x4m2c3', 1), 64: ('w64s6', 2), 256: ('w2x64', 2), 512: ('w128', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (1536, 1536): {1: ('v1x4m1c3', 1), 8: ('v1x16m1c1', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w128', 4), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
+    (1536, 4096): {1: ('v2x4m1c3', 1), 8: ('v2x4m1c3', 1), 16: ('v2x4m2c3', 1), 64: ('w64', 2), 256: ('w128', 2), 512: ('w128', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
     (4096, 1536): {1: ('v1x8m1c4', 1), 8: ('v1x16m1c2', 1), 16: ('v1x8m2c4', 1), 64: ('w64', 8), 256: ('w128', 4), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
     (1024, 9216): {1: ('v1x4m1c2', 1), 8: ('v2x4m1c2', 1), 16: ('v2x4m2c2', 1), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (3072, 3072): {1: ('v1x8m1c3', 1), 8: ('v2x8m1c3', 1), 16: ('v2x4m2c6', 1), 64: ('w64s6', 4), 256: ('w64', 2), 512: ('w3x128', 2), 2048: ('w2x128', 2), 8192: ('w2x256', 1)},
-    (3072, 8192): {1: ('v1x8m1c3', 1), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w64', 2), 256: ('w2x128', 2), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
-    (8192, 3072): {1: ('v1x16m1c4', 1), 8: ('v2x8m1c8', 1), 16: ('v4x4m2c8', 2), 64: ('w2x64', 8), 256: ('w2x256', 4), 512: ('w3x128', 2), 2048: ('w2x256', 2), 8192: ('w2x256', 1)},
-    (1024, 18432): {1: ('v2x2m1c4', 1), 8: ('v1x4m1c2', 1), 16: ('v2x2m2c4', 1), 64: ('w64', 1), 256: ('w2x128', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (1152, 1152): {1: ('v1x16m1c1', 1), 8: ('v1x8m1c2', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 4), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x128', 1)},
-    (1536, 4608): {1: ('v1x16m1c1', 1), 8: ('v4x4m1c3', 1), 16: ('v4x2m2c6', 1), 64: ('w64', 4), 256: ('w64', 1), 512: ('w3x128', 1), 2048: ('w2x128', 1), 8192: ('w2x256', 1)},
+    (3072, 3072): {1: ('v1x8m1c3', 1), 8: ('v2x8m1c3', 1), 16: ('v2x4m2c6', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w3x128', 2), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (3072, 8192): {1: ('v2x8m1c3', 1), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w64', 2), 256: ('w2x256', 2), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (8192, 3072): {1: ('v1x16m1c4', 1), 8: ('v2x8m1c8', 1), 16: ('v4x4m2c8', 2), 64: ('w2x64', 8), 256: ('w2x256', 4), 512: ('w3x128', 2), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (1024, 18432): {1: ('v2x2m1c4', 1), 8: ('v1x4m1c2', 1), 16: ('v2x2m2c4', 1), 64: ('w64', 1), 256: ('w2x128', 1), 512: ('w3x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1152, 1152): {1: ('v1x16m1c1', 1), 8: ('v1x8m1c2', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 4), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w3x128', 1)},
+    (1536, 4608): {1: ('v1x16m1c1', 1), 8: ('v2x4m1c3', 1), 16: ('v4x2m2c6', 1), 64: ('w64', 4), 256: ('w64', 1), 512: ('w3x128', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
     (1536, 8192): {1: ('v2x4m1c3', 1), 8: ('v4x4m1c3', 1), 16: ('v4x2m2c6', 1), 64: ('w64', 2), 256: ('w128', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
-    (3072, 9216): {1: ('v1x8m1c3', 1), 8: ('v2x4m1c6', 1), 16: ('v2x4m2c6', 1), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w3x128', 2), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
-    (3072, 16384): {1: ('v2x2m1c6', 2), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w2x64', 2), 256: ('w2x256', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (3072, 9216): {1: ('v1x8m1c3', 1), 8: ('v2x4m1c6', 1), 16: ('v2x4m2c6', 1), 64: ('w64', 2), 256: ('w128', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
+    (3072, 16384): {1: ('v1x8m1c3', 1), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w2x64', 2), 256: ('w2x256', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w2x256', 1)},
 }
 WGMMA_MIN_M = 64  # from here on Hopper the wgmma kernel (the heuristic's threshold; TUNED may say otherwise)
 
@@ -115,12 +135,12 @@ TUNED8 = {  # as TUNED, for fp8 activations: `python bench.py --what kernels --a
     (1536, 4096): {64: ('f64', 4), 256: ('f128', 2), 512: ('f2x128', 2), 2048: ('f2x128', 1), 8192: ('f2x128', 1)},
     (4096, 1536): {64: ('f64', 4), 256: ('f128', 4), 512: ('f2x256', 4), 2048: ('f128', 1), 8192: ('f2x128', 1)},
     (3072, 3072): {64: ('f64', 4), 256: ('f64', 2), 512: ('f128', 2), 2048: ('f128', 1), 8192: ('f2x128', 1)},
-    (3072, 8192): {64: ('f64', 2), 256: ('f2x128', 2), 512: ('f2x256', 1), 2048: ('f2x256', 1), 8192: ('f2x256', 1)},
-    (8192, 3072): {64: ('f64', 4), 256: ('f2x256', 4), 512: ('f128', 2), 2048: ('f2x256', 2), 8192: ('f2x256', 1)},
+    (3072, 8192): {64: ('f64', 2), 256: ('f2x256', 2), 512: ('f2x256', 1), 2048: ('f2x256', 1), 8192: ('f2x256', 1)},
+    (8192, 3072): {64: ('f64', 4), 256: ('f2x256', 4), 512: ('f128', 2), 2048: ('f2x256', 1), 8192: ('f2x256', 1)},
     (1152, 1152): {64: ('f64', 4), 256: ('f64', 4), 512: ('f64', 2), 2048: ('f128', 1), 8192: ('f128', 1)},
     (1536, 4608): {64: ('f64', 4), 256: ('f128', 2), 512: ('f128', 1), 2048: ('f128', 1), 8192: ('f2x128', 1)},
     (1536, 8192): {64: ('f64', 2), 256: ('f2x128', 2), 512: ('f2x128', 1), 2048: ('f2x128', 1), 8192: ('f2x128', 1)},
-    (3072, 9216): {64: ('f64', 2), 256: ('f128', 1), 512: ('f128', 2), 2048: ('f128', 1), 8192: ('f2x128', 1)},
+    (3072, 9216): {64: ('f64', 2), 256: ('f128', 1), 512: ('f128', 1), 2048: ('f128', 1), 8192: ('f128', 1)},
     (3072, 16384): {64: ('f2x128', 2), 256: ('f2x256', 1), 512: ('f2x256', 1), 2048: ('f2x256', 1), 8192: ('f2x256', 1)},
 }
 

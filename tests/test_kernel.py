@@ -97,6 +97,24 @@ def test_dispatch_names_only_existing_tiles():
         assert all(name in tiles.WG8_CONFIGS and cs in (1, 2, 4, 8) for name, cs in by_m.values())
 
 
+def test_launches_split_a_part_filled_last_wave():
+    """tiles.launches: one launch, except where a last wave at most half full follows full ones and K is not split
+    (then the last wave's tiles run with K split over a cluster, as many CTAs as still fit); every output tile is
+    run exactly once."""
+    assert tiles.launches(512, 9216, 3072, "w2x256", 1, 132) == [(0, 132, 1), (132, 12, 8)]  # 144 tiles, 1 per SM
+    assert tiles.launches(512, 9216, 3072, "w2x256", 2, 132) == [(0, 144, 2)]  # K already split
+    assert tiles.launches(512, 3072, 3072, "w2x256", 1, 132) == [(0, 48, 1)]   # under one wave
+    assert tiles.launches(2048, 2112 * 8, 3072, "w2x256", 1, 132) == [(0, 1056, 1)]  # full waves only
+    assert tiles.launches(512, 128 * 100, 3072, "w2x256", 1, 132) == [(0, 200, 1)]  # last wave more than half full
+    assert tiles.launches(512, 9216, 256, "w2x256", 1, 132) == [(0, 144, 1)]  # K too short to split
+    for M, N, K, name in [(2048, 3072, 3072, "w2x256"), (200, 6400 - 40, 1000, "w64"), (300, 8960, 8192, "f128")]:
+        bn, bm = tiles.dims(name)[:2]
+        runs = tiles.launches(M, N, K, name, 1, 132)
+        assert len(runs) == 2 and runs[1][2] > 1 and runs[1][1] * runs[1][2] <= 132 * tiles.WG_CONFIGS.get(
+            name, tiles.WG8_CONFIGS.get(name))[3]
+        assert [t0 for t0, _, _ in runs] == [0, runs[0][1]] and sum(n for _, n, _ in runs) == -(-N // bn) * -(-M // bm)
+
+
 @pytest.mark.parametrize("wgmma", [False, True])
 def test_gemv_heuristic_takes_every_small_problem(wgmma):
     """Untuned shapes at M <= 16: a GEMV tile that takes the problem (K split over a cluster on Hopper when X's
@@ -401,6 +419,28 @@ def test_quant8_matches_reference(dtype):
         q_ref, s_ref = kernel.quantize_fp8_ref(x, Mp)
         assert torch.equal(s, s_ref)
         assert torch.equal(q, q_ref)
+
+
+@gpu
+def test_split_last_wave_poisoned():
+    """A problem whose last wave tiles.launches runs as a second, K-split launch (shapes made from this GPU's SM
+    count), for a 16-bit and an fp8 tile, with bias and one alpha per channel, into a NaN-filled output."""
+    sms, wgmma, _ = kernel._gpu(torch.cuda.current_device())
+    if not wgmma:
+        pytest.skip("wgmma tiles run on Hopper")
+    gen = torch.Generator(device="cuda").manual_seed(16)
+    for name, fp8 in (("w2x128", False), ("w64", False), ("f128", True)):
+        wgn, bm, _, minb = {**tiles.WG_CONFIGS, **tiles.WG8_CONFIGS}[name]
+        N, M, K = 64 * wgn * -(-(sms * minb + 5) // 3) - 40, 3 * bm - 5, 1100  # 3 token tiles, 5+ tiles past a wave
+        assert len(tiles.launches(M, kernel._padded(N, K)[0], kernel._padded(N, K)[1], name, 1, sms)) == 2
+        w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
+        x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
+        alpha = torch.rand(N, device="cuda", generator=gen) + 0.1
+        bias = torch.randn(N, device="cuda", generator=gen).bfloat16()
+        packed = kernel.pack_2bit(w)
+        ref = fp8_reference(x, packed, alpha, N, K, bias) if fp8 else reference(x, w, alpha) + bias.float()
+        poison_allocator(M * N * 2)
+        check(kernel.ternary_matmul(x, packed, alpha, N, K, bias, config=(name, 1), fp8=fp8), ref)
 
 
 @gpu
