@@ -54,16 +54,17 @@ def launches(M, N, K, name, cs, sms):
     SMs, so that wave takes a fraction of a tile's time instead of a whole one. (3072->9216 at M = 512 in tiles of
     128 x 256: 144 tiles for 132 SMs, the last 12 split 8 ways.)"""
     bn, bm = dims(name)[:2]
-    tiles, slots = -(-N // bn) * -(-M // bm), sms * {**WG_CONFIGS, **WG8_CONFIGS}[name][3]
-    full, rest = divmod(tiles, slots)
+    n_tiles, slots = -(-N // bn) * -(-M // bm), sms * {**WG_CONFIGS, **WG8_CONFIGS}[name][3]
+    full, rest = divmod(n_tiles, slots)
     if cs > 1 or full == 0 or not 0 < rest <= slots // 2:
-        return [(0, tiles, cs)]
+        return [(0, n_tiles, cs)]
     kc, cs2 = -(-K // 128), 1
     while cs2 < 8 and 4 * cs2 <= kc and 2 * cs2 * rest <= slots:
         cs2 *= 2
-    return [(0, full * slots, 1), (full * slots, rest, cs2)] if cs2 > 1 else [(0, tiles, 1)]
+    return [(0, full * slots, 1), (full * slots, rest, cs2)] if cs2 > 1 else [(0, n_tiles, 1)]
 # (Tried instead: stream-K, one launch of a CTA per SM, each an equal share of all the tiles' chunks, partial sums
-# handed on through a global workspace. Correct, but slower than this on every 4.2B shape measured (README).)
+# handed on through a global workspace. Correct, but slower than this and the tuned tiles on every 4.2B shape
+# measured: README, and git branch stream-k-attempt.)
 
 
 def dims(name):
