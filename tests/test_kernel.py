@@ -8,6 +8,7 @@ against a float32 reference on the same bf16/fp16-rounded inputs, with the outpu
 """
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -280,6 +281,64 @@ def test_fp8_dequant8_bytes_meet_the_image():
                 for j in range(4):
                     pos = 32 * wd + half + 4 * t + j  # the fragment's k position within the chunk
                     assert decode[(reg >> (8 * j)) & 0xFF] == w[row, int(pos_k[pos])]
+
+def _nvrtc():
+    """The NVRTC library (pip's nvidia-cuda-nvrtc-cu12/13, or one on the library path) through ctypes, or None:
+    it compiles CUDA C++ to a GPU binary without a GPU (ptxas included), so CI checks kernel.cu too."""
+    import ctypes
+    import ctypes.util
+    import glob
+    try:
+        import nvidia.cuda_nvrtc as nv
+        paths = sorted(glob.glob(os.path.join(list(nv.__path__)[0], "lib", "libnvrtc.so.*[0-9]")))
+    except ImportError:
+        paths = []
+    for path in paths + [ctypes.util.find_library("nvrtc")]:
+        try:
+            return ctypes.CDLL(path)
+        except (OSError, TypeError):
+            pass
+    return None
+
+
+def nvrtc_compile(lib, src, arch):
+    """(ok, ptxas log) of compiling src to a cubin for arch with ptxas's -v report."""
+    import ctypes
+    prog, opts = ctypes.c_void_p(), [b"-std=c++17", f"-arch={arch}".encode(), b"--ptxas-options=-v"]
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"kernel.cu", 0, None, None) == 0
+    ok = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) == 0
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ok, log.value.decode(errors="replace")
+
+
+def test_cuda_sources_compile():
+    """Every wgmma tile (16-bit and fp8; one alpha or one per channel, each bias kind, with and without a cluster)
+    and the other kernels compile with NVRTC to sm_90a (mma.sync ones also to sm_80) without a GPU. The wgmma tiles
+    must not spill, and ptxas must not serialise their wgmmas (its note C7513: a register a wgmma in flight reads
+    is written; kernel.cu's two register sets exist to avoid it)."""
+    lib = _nvrtc()
+    if lib is None:
+        pytest.skip("needs NVRTC (pip install nvidia-cuda-nvrtc-cu12)")
+    variants = ((1, True, 0, False), (2, False, 2, True), (1, True, 1, False))  # (cs, bf16, bias kind, avec)
+    jobs = [(kind, name, *v, "sm_90a") for kind, names in (("WGMM", tiles.WG_CONFIGS), ("WGMM8", tiles.WG8_CONFIGS))
+            for name in names for v in variants]
+    jobs += [("TMM", name, 1, True, 0, False, "sm_80") for name in tiles.CONFIGS]
+    jobs += [("TMM", "l128", 2, False, 1, True, "sm_90a"), ("TMV", "v1x8m1c3", 1, True, 1, False, "sm_80"),
+             ("TMV", "v4x4m2c6", 2, False, 0, True, "sm_90a")]
+    for kind, name, cs, bf16, bias, avec, arch in jobs:
+        ok, log = nvrtc_compile(lib, kernel._source(kind, name, cs, bf16, bias, avec), arch)
+        assert ok, f"{kind} {name}/cs{cs}: {log[:2000]}"
+        if kind.startswith("WGMM"):
+            assert "C7513" not in log, f"{kind} {name}/cs{cs}: ptxas serialises the wgmmas: {log[:2000]}"
+            spills = re.findall(r"(\d+) bytes spill stores", log)
+            assert spills and set(spills) == {"0"}, f"{kind} {name}/cs{cs} spills: {log[:2000]}"
+    for kind, bf16 in (("QUANT8", True), ("QUANT8", False), ("DEQUANT", True)):
+        ok, log = nvrtc_compile(lib, kernel._source(kind, bf16=bf16), "sm_90a")
+        assert ok, f"{kind}: {log[:2000]}"
 
 # -----------------------------------------------------------------------------
 # GPU
