@@ -304,7 +304,6 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
             raise ValueError(f"GEMV tile {name}/cs{cs} takes M <= {bm}, K <= {128 * kw * cpw * cs} and X's rows in "
                              f"shared memory ({smem} bytes here), got M={M}, K={K}")
     variant = (y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), alpha.numel() > 1, y.device.index)
-    k = _kernel(name, cs, *variant)
     nt16 = _padded(N, K)[0] // 16
     if name in tiles.WG_CONFIGS:  # wgmm reads X through a tensor map, passed by value
         xargs = (_x_map(x2.data_ptr(), M, Kp, bm),)
@@ -321,7 +320,8 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
             for t0, n, z in tiles.launches(M, nt16 * 16, Kp, name, cs, _gpu(y.device.index).sms):
                 _kernel(name, z, *variant)((n, 1, z), (nthr,), args + (cp.int32(t0),), shared_mem=smem, stream=stream)
         else:
-            k((-(-nt16 * 16 // bn), -(-M // bm), cs), (nthr,), args, shared_mem=smem, stream=stream)
+            _kernel(name, cs, *variant)((-(-nt16 * 16 // bn), -(-M // bm), cs), (nthr,), args, shared_mem=smem,
+                                        stream=stream)
 
 
 @functools.lru_cache(maxsize=1)

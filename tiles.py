@@ -54,7 +54,7 @@ def launches(M, N, K, name, cs, sms):
     SMs, so that wave takes a fraction of a tile's time instead of a whole one. (3072->9216 at M = 512 in tiles of
     128 x 256: 144 tiles for 132 SMs, the last 12 split 8 ways.)"""
     bn, bm = dims(name)[:2]
-    n_tiles, slots = -(-N // bn) * -(-M // bm), sms * {**WG_CONFIGS, **WG8_CONFIGS}[name][3]
+    n_tiles, slots = -(-N // bn) * -(-M // bm), sms * (WG_CONFIGS.get(name) or WG8_CONFIGS[name])[3]
     full, rest = divmod(n_tiles, slots)
     if cs > 1 or full == 0 or not 0 < rest <= slots // 2:
         return [(0, n_tiles, cs)]
