@@ -297,8 +297,9 @@ tmv(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
 // read by the tensor cores through a matrix descriptor, accumulators in registers (BM/2 floats per thread).
 //
 // The pipeline: a ring of ST stages, each one k128 chunk (X's BM rows, then the CTA's weight tiles), filled by
-// the copy engine (TMA): thread 0 issues a stage's copies, which count their bytes into the stage's "full"
-// mbarrier; each warp releases a stage through its "empty" one once its wgmmas have read it. So the compute
+// the copy engine (TMA): thread 0 issues a stage's copies (X's, then one for all the CTA's weight tiles through a
+// 3-D tensor map of the packed codes, kernel.py _w_map), which count their bytes into the stage's "full" mbarrier;
+// each warp releases a stage through its "empty" one once its wgmmas have read it. So the compute
 // warps issue no loads and no address arithmetic, and no CTA barrier orders the main loop. (A separate producer
 // warp would cost a whole warpgroup of registers: the SM hands them out per warpgroup.) X arrives as
 //   16-bit: tiles of the caller's X (M, Kp) through a tensor map (kernel.py, _x_map): 64 k x BM rows per copy,
@@ -345,6 +346,52 @@ __device__ __forceinline__ void acc_to_red(const float* acc, float* red, int war
     red[m * LD + n + 8] = acc[4 * j + 2]; red[(m + 1) * LD + n + 8] = acc[4 * j + 3];
   }
 }
+// Without a cluster to sum over (CS == 1) the epilogue runs on the accumulators instead: each thread scales its
+// values (alpha; fp8: the tokens' scales of X), adds the bias and rounds them to 16 bits in registers, stmatrix.trans
+// writes each warp's 8 x 8 blocks into a (BM, BN) tile laid out as Y (a row per token) in shared memory, and the
+// CTA stores whole rows in 16-byte pieces: half the shared-memory traffic of the fp32 tile, a quarter of the
+// store instructions.
+#define LDH (BN + 8)  // the 16-bit tile's row stride: +16 bytes puts the 8 rows of a stmatrix on different banks
+__device__ __forceinline__ u32 pack2(float lo, float hi) {  // lo -> bits 0..15
+  u32 r; asm("cvt.rn." DT "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
+__device__ __forceinline__ void store_acc(const float* acc, u16* tile, const float* alpha, float al, const void* bias,
+                                          const float* rs, u16* Y, int M, int N, int m0, int n0, int warp, int tid) {
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3, n = n0 + warp * 16 + g;  // channels n, n + 8
+  const float a0 = AVEC ? alpha[min(n, N - 1)] : al, a1 = AVEC ? alpha[min(n + 8, N - 1)] : al;
+  const float b0 = bias_at(bias, min(n, N - 1)), b1 = bias_at(bias, min(n + 8, N - 1));
+  // stmatrix.x4 takes 4 registers per thread = 4 8x8 blocks: i = 0, 1 tokens 8j.., i = 2, 3 tokens 8j + 8..;
+  // even i channels n0 + 16 warp.., odd i 8 further. .trans stores block i's column (token) r at the address
+  // lane 8i + r gives: row 8j + 8 (i >> 1) + r of the tile, at that channel.
+  const int i = lane >> 3;
+  const u32 row = sptr(tile) + ((8 * (i >> 1) + (lane & 7)) * LDH + warp * 16 + 8 * (i & 1)) * 2;
+#pragma unroll
+  for (int j = 0; j < BM / 8; j += 2) {
+    u32 r[4];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const float* c = acc + 4 * (j + h);     // tokens 8(j+h) + 2t, +1 of channel n, then of n + 8
+      float s0 = 1.f, s1 = 1.f;
+      if (rs) { const int m = m0 + 8 * (j + h) + 2 * t; s0 = rs[min(m, M - 1)]; s1 = rs[min(m + 1, M - 1)]; }
+      r[2 * h] = pack2(c[0] * (a0 * s0) + b0, c[1] * (a0 * s1) + b0);
+      r[2 * h + 1] = pack2(c[2] * (a1 * s0) + b1, c[3] * (a1 * s1) + b1);
+    }
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
+                 :: "r"(row + j * 16 * LDH), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+  }
+  __syncthreads();
+  const int rows = min(BM, M - m0);
+  if ((N & 7) == 0) {                         // rows of Y start 16-byte aligned
+#pragma unroll 4
+    for (int e = tid; e < BM * BN / 8; e += NTHR) {
+      const int r = e / (BN / 8), c = e % (BN / 8) * 8;
+      if (r < rows && n0 + c < N) *(uint4*)(Y + (size_t)(m0 + r) * N + n0 + c) = *(const uint4*)(tile + r * LDH + c);
+    }
+  } else
+    for (int e = tid; e < BM * BN; e += NTHR) {
+      const int r = e / BN, c = e % BN;
+      if (r < rows && n0 + c < N) Y[(size_t)(m0 + r) * N + n0 + c] = tile[r * LDH + c];
+    }
+}
 __device__ __forceinline__ void mbar_init(u32 b, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(b), "r"(count) : "memory"); }
 __device__ __forceinline__ void mbar_arrive(u32 b) {
@@ -360,6 +407,9 @@ __device__ __forceinline__ void mbar_wait(u32 b, u32 parity) {
 __device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory"); }
+__device__ __forceinline__ void tma3d(u32 dst, const TMap* map, int x, int y, int z, u32 bar) {
+  asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+               :: "r"(dst), "l"(map), "r"(x), "r"(y), "r"(z), "r"(bar) : "memory"); }
 __device__ __forceinline__ void tma2d(u32 dst, const TMap* map, int k, int m, u32 bar) {  // box at (k, m)
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
                :: "r"(dst), "l"(map), "r"(k), "r"(m), "r"(bar) : "memory"); }
@@ -380,7 +430,7 @@ __device__ __forceinline__ void dequant8(u32 q, u32* a) {
 #endif
 
 extern "C" __global__ void __launch_bounds__(NTHR, MINB) CLUSTER
-KNAME(const uint4* __restrict__ W, XPARAM, const float* __restrict__ alpha, const void* __restrict__ bias,
+KNAME(const __grid_constant__ TMap wmap, XPARAM, const float* __restrict__ alpha, const void* __restrict__ bias,
       u16* __restrict__ Y, int M, int N, int KC, int NT16, int tile0) {
   extern __shared__ uint4 smem_raw[];
   __shared__ __align__(8) u64 bars[2 * ST];    // full[s], then empty[s]
@@ -398,6 +448,7 @@ KNAME(const uint4* __restrict__ W, XPARAM, const float* __restrict__ alpha, cons
 #ifndef WGMM8
     asm volatile("prefetch.tensormap [%0];" :: "l"(&xmap) : "memory");
 #endif
+    asm volatile("prefetch.tensormap [%0];" :: "l"(&wmap) : "memory");
     for (int s = 0; s < ST; s++) { mbar_init(full + 8 * s, 1); mbar_init(empty + 8 * s, 4 * WGN); }
   }
   __syncthreads();
@@ -411,8 +462,7 @@ KNAME(const uint4* __restrict__ W, XPARAM, const float* __restrict__ alpha, cons
     tma2d(st, &xmap, 128 * c, m0, f);                  // k 0..63 of the chunk: the first swizzle atom
     tma2d(st + BM * 128, &xmap, 128 * c + 64, m0, f);  // k 64..127
 #endif
-    for (int w = 0; w < 4 * WGN; w++)          // one 512-byte weight tile per warp
-      bulk(st + XSTAGE + w * 512, W + ((size_t)min(tn0 + w, NT16 - 1) * KC + c) * 32, 512, f);
+    tma3d(st + XSTAGE, &wmap, 0, c, tn0, f);    // the CTA's 4 WGN weight tiles (512 bytes per warp) of chunk c
   };
   if (tid == 0)
     for (int i = 0; i < ST - LAG && i < nch; i++) issue(i);
@@ -478,16 +528,21 @@ KNAME(const uint4* __restrict__ W, XPARAM, const float* __restrict__ alpha, cons
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   fence_acc(acc);
-  __syncthreads();                             // every copy was waited for and consumed: the stages become red
-  float* red = (float*)smem;
-  acc_to_red(acc, red, warp, lane);
-  if (CS > 1) cluster_sync(); else __syncthreads();
+  __syncthreads();                             // every copy was waited for and consumed: the stages are free
 #ifdef WGMM8
-  store_tile<BM, BN, 1, LD, NTHR>(red, alpha, al, bias, Y, M, N, m0, tn0 * 16, z, tid, xs_scale);
+  const float* rs = xs_scale;
 #else
-  store_tile<BM, BN, 1, LD, NTHR>(red, alpha, al, bias, Y, M, N, m0, tn0 * 16, z, tid);
+  const float* rs = nullptr;
 #endif
-  if (CS > 1) cluster_sync();
+#if CS == 1
+  store_acc(acc, (u16*)smem, alpha, al, bias, rs, Y, M, N, m0, tn0 * 16, warp, tid);
+#else
+  float* red = (float*)smem;                   // the fp32 partial tile, summed over the cluster
+  acc_to_red(acc, red, warp, lane);
+  cluster_sync();
+  store_tile<BM, BN, 1, LD, NTHR>(red, alpha, al, bias, Y, M, N, m0, tn0 * 16, z, tid, rs);
+  cluster_sync();
+#endif
 }
 #endif
 

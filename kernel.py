@@ -311,12 +311,14 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
         xargs = (cp.uint64(x2.data_ptr()), cp.uint64(scales.data_ptr()), cp.int32(x2.shape[1]))
     else:
         xargs = (cp.uint64(x2.data_ptr()),)
-    args = (cp.uint64(packed.data_ptr()), *xargs, cp.uint64(alpha.data_ptr()),
+    wgmma = name in tiles.WG_CONFIGS or name in tiles.WG8_CONFIGS  # they read W through a tensor map too
+    wargs = _w_map(packed.data_ptr(), nt16, Kp // 128, bn // 16) if wgmma else cp.uint64(packed.data_ptr())
+    args = (wargs, *xargs, cp.uint64(alpha.data_ptr()),
             cp.uint64(0 if bias is None else bias.data_ptr()), cp.uint64(y.data_ptr()),
             *(cp.int32(v) for v in (M, N, Kp // 128, nt16)))
     stream = _stream(torch.cuda.current_stream(y.device).cuda_stream, y.device.index)
     with cp.cuda.Device(y.device.index):
-        if name in tiles.WG_CONFIGS or name in tiles.WG8_CONFIGS:  # output tiles t0.. of the problem, K split z ways
+        if wgmma:  # output tiles t0.. of the problem, K split z ways
             for t0, n, z in tiles.launches(M, nt16 * 16, Kp, name, cs, _gpu(y.device.index).sms):
                 _kernel(name, z, *variant)((n, 1, z), (nthr,), args + (cp.int32(t0),), shared_mem=smem, stream=stream)
         else:
@@ -350,6 +352,24 @@ def _x_map(ptr, M, Kp, bm):
     err = _encode_tiled()(m.ctypes.data, 1, 2, ptr, dims, strides, box, step, 0, 3, 2, 0)
     if err:
         raise RuntimeError(f"kernel.py: cuTensorMapEncodeTiled failed (CUresult {err}) for X ({M}, {Kp}) at {ptr:#x}")
+    return m
+
+
+@functools.lru_cache(maxsize=4096)
+def _w_map(ptr, nt16, kc, tiles_per_cta):
+    """The tensor map of the packed codes (nt16 tiles, kc chunks, 512 bytes) at ptr, through which a wgmma CTA's one
+    copy per stage reads its tiles_per_cta consecutive tiles' chunk (tiles past the end read as zeros): thread 0,
+    which also multiplies, issues one copy instead of one per warp (README: what that gained). Cached and passed
+    as _x_map's."""
+    buf = np.zeros(256, dtype=np.uint8)
+    off = -buf.ctypes.data % 64
+    m = buf[off:off + 128].view(np.dtype((np.void, 128)))
+    dims, strides = (ctypes.c_uint64 * 3)(128, kc, nt16), (ctypes.c_uint64 * 2)(512, 512 * kc)
+    box, step = (ctypes.c_uint32 * 3)(128, 1, tiles_per_cta), (ctypes.c_uint32 * 3)(1, 1, 1)
+    # UINT32 data, rank 3, no interleave, no swizzle, L2 promotion 128B, out-of-bounds elements read as zero
+    err = _encode_tiled()(m.ctypes.data, 2, 3, ptr, dims, strides, box, step, 0, 0, 2, 0)
+    if err:
+        raise RuntimeError(f"kernel.py: cuTensorMapEncodeTiled failed (CUresult {err}) for W at {ptr:#x}")
     return m
 
 
