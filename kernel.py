@@ -45,10 +45,12 @@ applied in the epilogue:
     wgmma.m64n<BM> whose A is its dequantised weights in registers and whose B, the X tile, the tensor cores read
     from shared memory through a matrix descriptor (the canonical K-major layout with the 128-byte swizzle:
     16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes apart). The operands arrive through a ring
-    of stages filled by the copy engine (TMA): thread 0 issues a stage's copies, which count their bytes into the
-    stage's mbarrier; warps release stages through mbarriers, so the main loop has no CTA barrier and no address
-    arithmetic. 16-bit X is read through a tensor map (_x_map: the driver's cuTensorMapEncodeTiled through
-    ctypes), whose copies write the swizzle themselves. For fp8, quant8 first turns each token's row into e4m3
+    of stages filled by the copy engine (TMA): thread 0 issues a stage's copies (the CTA's weight tiles in one,
+    through a 3-D tensor map of the codes: _w_map), which count their bytes into the stage's mbarrier; warps
+    release stages through mbarriers, so the main loop has no CTA barrier and no address arithmetic. 16-bit X is
+    read through a tensor map too (_x_map: the driver's cuTensorMapEncodeTiled through ctypes), whose copies write
+    the swizzle themselves. Without a cluster split the epilogue scales and rounds in registers and stores the
+    tile through stmatrix and shared memory in 16-byte pieces. For fp8, quant8 first turns each token's row into e4m3
     codes and one float32 scale (amax / 448), written as the shared-memory image of a stage (chunk-major, k
     permuted within each 16 as dequant8 orders the weights' bytes, pieces swizzled): one bulk copy per stage.
     Trits are exact in e4m3: two PRMTs per register turn 4 codes into 4 e4m3 bytes; wgmma.e4m3 runs at twice the
