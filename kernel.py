@@ -338,41 +338,39 @@ def _encode_tiled():
     return f
 
 
-@functools.lru_cache(maxsize=4096)
-def _x_map(ptr, M, Kp, bm):
-    """The tensor map (CUtensorMap) of X (M, Kp), 16-bit row-major at ptr, through which wgmm's copies read it:
-    boxes of 64 k x bm rows (128 bytes x bm), written to shared memory with the 128-byte swizzle; rows past M read
-    as zeros. A one-element numpy array, which cupy passes by value. Cached per (pointer, shape, box): a CUDA
-    graph replays the launch with the map it was captured with, and eager calls reuse the caching allocator's
-    pointers."""
+def _tensor_map(ptr, dtype, dims, strides, box, swizzle, what):
+    """A CUtensorMap (the driver's cuTensorMapEncodeTiled) of the array at ptr as a one-element numpy array, which
+    cupy passes by value. dtype: CU_TENSOR_MAP_DATA_TYPE (1 UINT16, 2 UINT32); dims and box innermost first,
+    strides in bytes (dims 1..); swizzle: 0 none, 3 the 128-byte swizzle. No interleave, L2 promotion 128B,
+    out-of-bounds elements read as zero."""
     buf = np.zeros(256, dtype=np.uint8)
     off = -buf.ctypes.data % 64  # the driver wants the map 64-byte aligned
     m = buf[off:off + 128].view(np.dtype((np.void, 128)))
-    dims, strides = (ctypes.c_uint64 * 2)(Kp, M), (ctypes.c_uint64 * 1)(2 * Kp)
-    box, step = (ctypes.c_uint32 * 2)(64, bm), (ctypes.c_uint32 * 2)(1, 1)
-    # UINT16 data, rank 2, no interleave, SWIZZLE_128B, L2 promotion 128B, out-of-bounds elements read as zero
-    err = _encode_tiled()(m.ctypes.data, 1, 2, ptr, dims, strides, box, step, 0, 3, 2, 0)
+    n = len(dims)
+    err = _encode_tiled()(m.ctypes.data, dtype, n, ptr, (ctypes.c_uint64 * n)(*dims),
+                          (ctypes.c_uint64 * (n - 1))(*strides), (ctypes.c_uint32 * n)(*box),
+                          (ctypes.c_uint32 * n)(*[1] * n), 0, swizzle, 2, 0)
     if err:
-        raise RuntimeError(f"kernel.py: cuTensorMapEncodeTiled failed (CUresult {err}) for X ({M}, {Kp}) at {ptr:#x}")
+        raise RuntimeError(f"kernel.py: cuTensorMapEncodeTiled failed (CUresult {err}) for {what} at {ptr:#x}")
     return m
+
+
+@functools.lru_cache(maxsize=4096)
+def _x_map(ptr, M, Kp, bm):
+    """The tensor map of X (M, Kp), 16-bit row-major at ptr, through which wgmm's copies read it: boxes of 64 k x
+    bm rows (128 bytes x bm), written to shared memory with the 128-byte swizzle; rows past M read as zeros.
+    Cached per (pointer, shape, box): a CUDA graph replays the launch with the map it was captured with, and eager
+    calls reuse the caching allocator's pointers."""
+    return _tensor_map(ptr, 1, (Kp, M), (2 * Kp,), (64, bm), 3, f"X ({M}, {Kp})")
 
 
 @functools.lru_cache(maxsize=4096)
 def _w_map(ptr, nt16, kc, tiles_per_cta):
-    """The tensor map of the packed codes (nt16 tiles, kc chunks, 512 bytes) at ptr, through which a wgmma CTA's one
-    copy per stage reads its tiles_per_cta consecutive tiles' chunk (tiles past the end read as zeros): thread 0,
-    which also multiplies, issues one copy instead of one per warp (README: what that gained). Cached and passed
-    as _x_map's."""
-    buf = np.zeros(256, dtype=np.uint8)
-    off = -buf.ctypes.data % 64
-    m = buf[off:off + 128].view(np.dtype((np.void, 128)))
-    dims, strides = (ctypes.c_uint64 * 3)(128, kc, nt16), (ctypes.c_uint64 * 2)(512, 512 * kc)
-    box, step = (ctypes.c_uint32 * 3)(128, 1, tiles_per_cta), (ctypes.c_uint32 * 3)(1, 1, 1)
-    # UINT32 data, rank 3, no interleave, no swizzle, L2 promotion 128B, out-of-bounds elements read as zero
-    err = _encode_tiled()(m.ctypes.data, 2, 3, ptr, dims, strides, box, step, 0, 0, 2, 0)
-    if err:
-        raise RuntimeError(f"kernel.py: cuTensorMapEncodeTiled failed (CUresult {err}) for W at {ptr:#x}")
-    return m
+    """The tensor map of the packed codes (nt16 tiles x kc chunks x 512 bytes, as 32-bit words) at ptr, through
+    which a wgmma CTA's one copy per stage reads its tiles_per_cta consecutive tiles' chunk (tiles past the end
+    read as zeros): thread 0, which also multiplies, issues one copy instead of one per warp (README: what that
+    gained). Cached as _x_map's."""
+    return _tensor_map(ptr, 2, (128, kc, nt16), (512, 512 * kc), (128, 1, tiles_per_cta), 0, "W")
 
 
 def quantize_fp8(x2, Mp):

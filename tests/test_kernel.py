@@ -70,6 +70,25 @@ def test_older_tile_order_roundtrip():
         assert torch.equal(kernel.unpack_2bit(v1, N, K, perm=kernel._PERM_V1), w)
 
 
+def test_weight_tensor_map_addresses_the_packed_tiles(monkeypatch):
+    """The wgmma kernels read a CTA's weight tiles through _w_map, one copy per stage: element (word, chunk c,
+    tile t) of that map must be the packing's 512 bytes of tile t (16 channels) x chunk c (128 k), and the copy's
+    box the CTA's consecutive tiles of one chunk. Checked by packing trits that are nonzero only in one such block."""
+    calls = []
+    monkeypatch.setattr(kernel, "_encode_tiled", lambda: lambda *a: calls.append(a) or 0)
+    N, K, t, c = 70, 500, 2, 3  # 5 tiles x 4 chunks (padded), block (t, c) = channels 32..47, k 384..499
+    nt16, kc = kernel._padded(N, K)[0] // 16, kernel._padded(N, K)[1] // 128
+    kernel._w_map.__wrapped__(0x1000, nt16, kc, 8)
+    (_, dtype, rank, _, dims, strides, box, step, *_), = calls
+    assert (dtype, rank, list(dims), list(box), list(step)) == (2, 3, [128, kc, nt16], [128, 1, 8], [1, 1, 1])
+    w = torch.zeros(N, K, dtype=torch.int8)
+    w[16 * t:16 * t + 16, 128 * c:] = rand_trits(16, K - 128 * c, torch.Generator().manual_seed(7)) | 1  # all +-1
+    diff = (kernel.pack_2bit(w) != kernel.pack_2bit(torch.zeros_like(w))).view(-1).view(torch.uint8)
+    changed = diff.nonzero().view(-1)
+    start = c * strides[0] + t * strides[1]  # bytes, as the copy engine walks the map
+    assert changed.min() >= start and changed.max() < start + 4 * dims[0] and len(changed) > 256
+
+
 def gemv_fits(name, cs, M, K):
     """A GEMV tile takes the problem: M tokens, K in its warps' registers, X's rows in shared memory."""
     tn, kw, mt, cpw = tiles.gemv_tile(name)
