@@ -48,6 +48,8 @@ __device__ __forceinline__ float ld_rank1(const float* p, int rank) {
   float v;
   asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(mapa(p, rank)));
   return v; }
+__device__ __forceinline__ u32 pack2(float lo, float hi) {  // two values of the kernel's dtype, lo -> bits 0..15
+  u32 r; asm("cvt.rn." DT "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
 __device__ __forceinline__ float bias_at(const void* b, int n) {
 #if BIAS == 2
   return ((const float*)b)[n];
@@ -89,9 +91,7 @@ __device__ __forceinline__ void store_tile(const float* red, const float* alpha,
     if (BIAS)
 #pragma unroll
       for (int j = 0; j < 4; j++) o[j] += bias_at(bias, min(n + j, N - 1));
-    u32 lo, hi;
-    asm("cvt.rn." DT "x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(o[1]), "f"(o[0]));
-    asm("cvt.rn." DT "x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(o[3]), "f"(o[2]));
+    const u32 lo = pack2(o[0], o[1]), hi = pack2(o[2], o[3]);
     u16* y = Y + (size_t)m * N + n;
     if ((N & 3) == 0) *(uint2*)y = make_uint2(lo, hi);
     else { y[0] = lo; if (n + 1 < N) y[1] = lo >> 16; if (n + 2 < N) y[2] = hi; if (n + 3 < N) y[3] = hi >> 16; }
@@ -352,8 +352,6 @@ __device__ __forceinline__ void acc_to_red(const float* acc, float* red, int war
 // CTA stores whole rows in 16-byte pieces: half the shared-memory traffic of the fp32 tile, a quarter of the
 // store instructions.
 #define LDH (BN + 8)  // the 16-bit tile's row stride: +16 bytes puts the 8 rows of a stmatrix on different banks
-__device__ __forceinline__ u32 pack2(float lo, float hi) {  // lo -> bits 0..15
-  u32 r; asm("cvt.rn." DT "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
 __device__ __forceinline__ void store_acc(const float* acc, u16* tile, const float* alpha, float al, const void* bias,
                                           const float* rs, u16* Y, int M, int N, int m0, int n0, int warp, int tid) {
   const int lane = tid & 31, g = lane >> 2, t = lane & 3, n = n0 + warp * 16 + g;  // channels n, n + 8
