@@ -34,19 +34,29 @@ __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
       "{%0,%1,%2,%3};" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)); }
 __device__ __forceinline__ u32 word(const uint4& q, int w) { return w == 0 ? q.x : w == 1 ? q.y : w == 2 ? q.z : q.w; }
-__device__ __forceinline__ void cluster_sync() {
+__device__ __forceinline__ void cluster_sync() {  // makes this CTA's shared-memory writes visible to the cluster
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory"); }
-__device__ __forceinline__ u32 mapa(const float* p, int rank) {  // p's address in another CTA's shared memory
+// The same barrier without release, where it publishes nothing: ptxas compiles a cluster-scope release to
+// MEMBAR.ALL.GPU, which waits until the thread's global stores have reached L2. At the end of a kernel it only keeps
+// this CTA's shared memory alive until the others have read it (their loads returned before their arrive: they used
+// the values); in wgmm it says that every CTA is done with the stages that other CTAs' pushes overwrite.
+__device__ __forceinline__ void cluster_done() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory"); }
+__device__ __forceinline__ u32 mapa(u32 p, int rank) {  // shared address p in another CTA's shared memory
   u32 r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(sptr(p)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(p), "r"(rank));
   return r; }
 __device__ __forceinline__ float4 ld_rank(const float* p, int rank) {  // read another CTA's shared memory
   float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(mapa(p, rank)));
+  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(mapa(sptr(p), rank)));
   return v; }
+// 4 floats into another CTA's shared memory (address p in ours), counted in bytes on its mbarrier (bar in ours)
+__device__ __forceinline__ void st_async(u32 p, u32 bar, int rank, const float* v) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];"
+               :: "r"(mapa(p, rank)), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3]), "r"(mapa(bar, rank)) : "memory"); }
 __device__ __forceinline__ float ld_rank1(const float* p, int rank) {
   float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(mapa(p, rank)));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(mapa(sptr(p), rank)));
   return v; }
 __device__ __forceinline__ u32 pack2(float lo, float hi) {  // two values of the kernel's dtype, lo -> bits 0..15
   u32 r; asm("cvt.rn." DT "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
@@ -66,7 +76,7 @@ __device__ __forceinline__ float bias_at(const void* b, int n) {
 // rounded once, stored.
 template <int BM_, int BN_, int NK, int LD_, int NT>
 __device__ __forceinline__ void store_tile(const float* red, const float* alpha, float al, const void* bias, u16* Y, int M, int N,
-                                           int m0, int n0, int z, int tid, const float* rs = nullptr) {
+                                           int m0, int n0, int z, int tid) {
   const int E = BM_ * BN_ / 4, e1 = E * (z + 1) / CS;
   for (int e = E * z / CS + tid; e < e1; e += NT) {
     int r = e / (BN_ / 4), c4 = (e % (BN_ / 4)) * 4, m = m0 + r, n = n0 + c4;
@@ -83,10 +93,9 @@ __device__ __forceinline__ void store_tile(const float* red, const float* alpha,
 #if AVEC  // one alpha per output channel (kernel.py: fused linears)
     float o[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-    for (int j = 0; j < 4; j++) o[j] *= rs ? alpha[min(n + j, N - 1)] * rs[m] : alpha[min(n + j, N - 1)];
+    for (int j = 0; j < 4; j++) o[j] *= alpha[min(n + j, N - 1)];
 #else
-    const float sc = rs ? al * rs[m] : al;   // rs: wgmm8's per-token scales of X
-    float o[4] = {v.x * sc, v.y * sc, v.z * sc, v.w * sc};
+    float o[4] = {v.x * al, v.y * al, v.z * al, v.w * al};
 #endif
     if (BIAS)
 #pragma unroll
@@ -186,7 +195,7 @@ tmm(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
     }
   if (CS > 1) cluster_sync(); else __syncthreads();
   store_tile<BM, BN, WK, LD, NTHR>((const float*)smem, alpha, al, bias, Y, M, N, m0, tn0 * 16, z, tid);
-  if (CS > 1) cluster_sync();  // keep our smem alive until every CTA of the cluster has read it
+  if (CS > 1) cluster_done();  // keep our smem alive until every CTA of the cluster has read it
 }
 #endif
 
@@ -284,7 +293,7 @@ tmv(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
       Y[(size_t)m * N + n] = o;
     }
   }
-  if (CS > 1) cluster_sync();  // keep our smem alive until every CTA of the cluster has read it
+  if (CS > 1) cluster_done();  // keep our smem alive until every CTA of the cluster has read it
 }
 #endif
 
@@ -307,7 +316,6 @@ tmv(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
 //   fp8:    quant8's image of the stage (chunk-major, already swizzled), one contiguous bulk copy.
 #define NTHR (128 * WGN)
 #define BN (64 * WGN)
-#define LD (BN + 4)
 #ifdef WGMM8
 #define XSTAGE (BM * 128)              // X: BM rows x 128 e4m3 codes, one swizzle atom
 #define GPC 1                          // groups of 4 wgmmas per chunk: 4 x k32
@@ -335,25 +343,16 @@ __device__ __forceinline__ void fence_acc(float* d) {  // keep the compiler from
 // wgmma_mma(float* d, const u32* a, u64 desc): generated by kernel.py (_wgmma_source), one inline-asm
 // wgmma.mma_async.sync.aligned.m64n<BM>k<16|32>.f32.<type>.<type> with its BM/2 accumulator operands
 WGMMA_FN
-// a warpgroup's accumulators into the fp32 tile red[BM][LD]: the thread holds channels warp*16 + g (+8), tokens
-// 8j + 2t (+1)
-__device__ __forceinline__ void acc_to_red(const float* acc, float* red, int warp, int lane) {
-  const int g = lane >> 2, t = lane & 3, n = warp * 16 + g;
-#pragma unroll
-  for (int j = 0; j < BM / 8; j++) {
-    int m = 8 * j + 2 * t;
-    red[m * LD + n] = acc[4 * j]; red[(m + 1) * LD + n] = acc[4 * j + 1];
-    red[m * LD + n + 8] = acc[4 * j + 2]; red[(m + 1) * LD + n + 8] = acc[4 * j + 3];
-  }
-}
-// Without a cluster to sum over (CS == 1) the epilogue runs on the accumulators instead: each thread scales its
-// values (alpha; fp8: the tokens' scales of X), adds the bias and rounds them to 16 bits in registers, stmatrix.trans
-// writes each warp's 8 x 8 blocks into a (BM, BN) tile laid out as Y (a row per token) in shared memory, and the
-// CTA stores whole rows in 16-byte pieces: half the shared-memory traffic of the fp32 tile, a quarter of the
-// store instructions.
+// The epilogue runs on the accumulators (a thread holds channels warp*16 + g (+8) of tokens 8j + 2t (+1) in
+// acc[4j..4j+3]): each thread scales its values (alpha; fp8: the tokens' scales of X), adds the bias and rounds
+// them to 16 bits in registers, stmatrix.trans writes each warp's 8 x 8 blocks into a (BM, BN) tile laid out as Y
+// (a row per token) in shared memory, and the CTA stores whole rows in 16-byte pieces: half the shared-memory
+// traffic of an fp32 tile, a quarter of the store instructions. With K split over a cluster, only the CTA's own
+// token groups, once the other CTAs' partial sums are added (the kernel's end).
 #define LDH (BN + 8)  // the 16-bit tile's row stride: +16 bytes puts the 8 rows of a stmatrix on different banks
 __device__ __forceinline__ void store_acc(const float* acc, u16* tile, const float* alpha, float al, const void* bias,
-                                          const float* rs, u16* Y, int M, int N, int m0, int n0, int warp, int tid) {
+                                          const float* rs, u16* Y, int M, int N, int m0, int n0, int warp, int tid,
+                                          int j0 = 0, int j1 = BM / 8) {  // token groups j0 .. j1 - 1 only
   const int lane = tid & 31, g = lane >> 2, t = lane & 3, n = n0 + warp * 16 + g;  // channels n, n + 8
   const float a0 = AVEC ? alpha[min(n, N - 1)] : al, a1 = AVEC ? alpha[min(n + 8, N - 1)] : al;
   const float b0 = bias_at(bias, min(n, N - 1)), b1 = bias_at(bias, min(n + 8, N - 1));
@@ -364,6 +363,7 @@ __device__ __forceinline__ void store_acc(const float* acc, u16* tile, const flo
   const u32 row = sptr(tile) + ((8 * (i >> 1) + (lane & 7)) * LDH + warp * 16 + 8 * (i & 1)) * 2;
 #pragma unroll
   for (int j = 0; j < BM / 8; j += 2) {
+    if (j + 2 <= j0 || j >= j1) continue;
     u32 r[4];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -377,15 +377,15 @@ __device__ __forceinline__ void store_acc(const float* acc, u16* tile, const flo
                  :: "r"(row + j * 16 * LDH), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
   }
   __syncthreads();
-  const int rows = min(BM, M - m0);
+  const int rows = min(8 * j1, M - m0);
   if ((N & 7) == 0) {                         // rows of Y start 16-byte aligned
 #pragma unroll 4
-    for (int e = tid; e < BM * BN / 8; e += NTHR) {
+    for (int e = 8 * j0 * (BN / 8) + tid; e < 8 * j1 * (BN / 8); e += NTHR) {
       const int r = e / (BN / 8), c = e % (BN / 8) * 8;
       if (r < rows && n0 + c < N) *(uint4*)(Y + (size_t)(m0 + r) * N + n0 + c) = *(const uint4*)(tile + r * LDH + c);
     }
   } else
-    for (int e = tid; e < BM * BN; e += NTHR) {
+    for (int e = 8 * j0 * BN + tid; e < 8 * j1 * BN; e += NTHR) {
       const int r = e / BN, c = e % BN;
       if (r < rows && n0 + c < N) Y[(size_t)(m0 + r) * N + n0 + c] = tile[r * LDH + c];
     }
@@ -431,7 +431,7 @@ extern "C" __global__ void __launch_bounds__(NTHR, MINB) CLUSTER
 KNAME(const __grid_constant__ TMap wmap, XPARAM, const float* __restrict__ alpha, const void* __restrict__ bias,
       u16* __restrict__ Y, int M, int N, int KC, int NT16, int tile0) {
   extern __shared__ uint4 smem_raw[];
-  __shared__ __align__(8) u64 bars[2 * ST];    // full[s], then empty[s]
+  __shared__ __align__(8) u64 bars[2 * ST + 1];  // full[s], empty[s], then the cluster sum's (CS > 1)
   const u32 pad = (1024 - (sptr(smem_raw) & 1023)) & 1023, sbase = sptr(smem_raw) + pad;
   char* smem = (char*)smem_raw + pad;
   const u32 full = sptr(bars), empty = full + 8 * ST;
@@ -448,6 +448,11 @@ KNAME(const __grid_constant__ TMap wmap, XPARAM, const float* __restrict__ alpha
 #endif
     asm volatile("prefetch.tensormap [%0];" :: "l"(&wmap) : "memory");
     for (int s = 0; s < ST; s++) { mbar_init(full + 8 * s, 1); mbar_init(empty + 8 * s, 4 * WGN); }
+#if CS > 1
+    mbar_init(full + 16 * ST, 1);              // the partial sums the cluster's other CTAs push here (epilogue)
+    mbar_expect(full + 16 * ST, (CS - 1) * (BM / 2 / CS) * NTHR * 4);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
   }
   __syncthreads();
   auto issue = [&](int i) {                    // thread 0: chunk c0 + i into stage i % ST, counted by full[s]
@@ -535,11 +540,32 @@ KNAME(const __grid_constant__ TMap wmap, XPARAM, const float* __restrict__ alpha
 #if CS == 1
   store_acc(acc, (u16*)smem, alpha, al, bias, rs, Y, M, N, m0, tn0 * 16, warp, tid);
 #else
-  float* red = (float*)smem;                   // the fp32 partial tile, summed over the cluster
-  acc_to_red(acc, red, warp, lane);
-  cluster_sync();
-  store_tile<BM, BN, 1, LD, NTHR>(red, alpha, al, bias, Y, M, N, m0, tn0 * 16, z, tid, rs);
-  cluster_sync();
+  // K split over the cluster: CTA z stores token groups z G .. z G + G - 1 (8 tokens each). Each CTA pushes its
+  // partial sums of the other CTAs' groups into their shared memory with st.async, which counts the bytes on the
+  // receiver's mbarrier (16 bytes per thread, consecutive threads consecutive), adds what the others pushed to its
+  // own groups once its mbarrier has them all, and stores them as CS == 1 does. The one cluster barrier (relaxed:
+  // nothing to publish) only says that every CTA is done with the stages the pushes overwrite.
+  constexpr int G = BM / 8 / CS;
+  static_assert(BM / 8 % CS == 0, "a CTA stores whole groups of 8 tokens");
+  const float4* recv = (const float4*)smem;    // [CS - 1 senders][G][NTHR]
+  const u32 rbar = full + 16 * ST;
+  cluster_done();
+#pragma unroll
+  for (int j = 0; j < BM / 8; j++) {
+    const int q = j / G, slot = (z - q - 1 + CS) % CS;  // owner q; the senders to q take slots 0 .. CS - 2
+    if (q != z) st_async(sptr(recv + (slot * G + j % G) * NTHR + tid), rbar, q, acc + 4 * j);
+  }
+  mbar_wait(rbar, 0);
+#pragma unroll
+  for (int j = 0; j < BM / 8; j++)
+    if (j / G == z)
+#pragma unroll
+      for (int s = 0; s < CS - 1; s++) {
+        const float4 v = recv[(s * G + j % G) * NTHR + tid];
+        acc[4 * j] += v.x; acc[4 * j + 1] += v.y; acc[4 * j + 2] += v.z; acc[4 * j + 3] += v.w;
+      }
+  __syncthreads();                             // the tile below overwrites recv
+  store_acc(acc, (u16*)smem, alpha, al, bias, rs, Y, M, N, m0, tn0 * 16, warp, tid, z * G, z * G + G);
 #endif
 }
 #endif

@@ -57,8 +57,11 @@ applied in the epilogue:
     bf16 rate; the epilogue multiplies by alpha and the token's scale. A warpgroup dequantises the next group of
     4 wgmmas into a second register set while the current one multiplies.
 When (N/BN)*(M/BM) CTAs cannot fill the SMs, K is also split over a thread-block *cluster* of CS = 2..8 CTAs
-(Hopper) whose partial tiles are summed through distributed shared memory (mapa + ld.shared::cluster): one
-launch, no workspace, memset or atomics, deterministic, CUDA-graph safe. When the tiles fill the SMs a few times
+(Hopper) whose partial tiles are summed through distributed shared memory: one launch, no workspace, memset or
+atomics, deterministic, CUDA-graph safe. tmv and tmm read the other CTAs' tiles (mapa + ld.shared::cluster); in
+wgmm each CTA pushes the partial sums of the rows another CTA stores straight from its accumulators with st.async,
+which counts the bytes on that CTA's mbarrier, so no cluster barrier has to publish them (ptxas turns a barrier's
+cluster-scope release into a GPU-wide memory fence). When the tiles fill the SMs a few times
 over but leave the last wave at most half full (3072->9216 at M = 512: 144 tiles of 128 x 256 for 132 SMs), the
 wgmma kernels run the full waves as one launch and the last wave's tiles as a second one whose K is split over
 clusters (tiles.launches): it takes a fraction of a tile's time, not a whole one. Which tile and split runs a problem:
@@ -73,14 +76,14 @@ shared memory 2.3 us after they start (the first cold DRAM read alone takes ~0.6
 more, the dequantisation ~0.3 us of the GPU's issue slots), then 0.3 us to sum and store, plus ~0.5 us of launch
 per graph node: 3.5-3.6 us against cuBLAS's 9.3-10.3 (2.7-2.9x; tmm, with its ring, cluster barriers and 4x
 the code, took 4.8). From M ~ 256 both are tensor-core bound. mma.sync tops out near 360 TFLOP/s; wgmm reaches
-707-771 TFLOP/s at M = 8192 on the 4.2B shapes, 0.98-1.17x cuBLAS, and wgmm8 with quant8 1.01-1.49x (README).
-At M = 256-512 3072->3072 stays at 0.75-0.78x: few output tiles for 132 SMs (64 of 192 x 128 at M = 512, K split
-in 2) and 12 chunks per CTA. Per-CTA timers (H200) there: 2.0 us until the first stage lands, 13.1 us of main
-loop, 3.1 us of epilogue, against cuBLAS's 14.6 us for the whole; timing K = 512..8192 puts the main loop at ~700
-TFLOP/s where cuBLAS streams at ~850, with ~2 us more fixed cost (README). Nsight Compute on wgmm8 (M = 8192, an
-earlier session) showed the warps mostly waiting on mbarriers while L2 and DRAM were far from busy: each
-warpgroup's chain of wait, dequantise, multiply leaves the tensor cores partly idle. Off Hopper, M >= 512 expands
-the codes to a transient 16-bit matrix for cuBLAS instead (below).
+718-787 TFLOP/s at M = 8192 on the 4.2B shapes, 0.99-1.14x cuBLAS, and wgmm8 with quant8 1.28-1.68x (README).
+At M = 256-512 3072->3072 stays at 0.88-0.89x: few output tiles for 132 SMs (64 of 192 x 128 at M = 512, K split
+in 2) and 12 chunks per CTA. Per-CTA timers (H200) there: ~1 us until the first stage lands, ~11 us of main
+loop, ~3.3 us of cluster epilogue (before the st.async push, which took 0.3 us off), against cuBLAS's 14.9 us for
+the whole (README). Nsight Compute on wgmm8 (M = 8192, an earlier session) showed the warps mostly waiting on
+mbarriers while L2 and DRAM were far from busy: each warpgroup's chain of wait, dequantise, multiply leaves the
+tensor cores partly idle. Off Hopper, M >= 512 expands the codes to a transient 16-bit matrix for cuBLAS instead
+(below).
 """
 
 import ctypes
