@@ -449,8 +449,8 @@ KNAME(const __grid_constant__ TMap wmap, XPARAM, const float* __restrict__ alpha
     asm volatile("prefetch.tensormap [%0];" :: "l"(&wmap) : "memory");
     for (int s = 0; s < ST; s++) { mbar_init(full + 8 * s, 1); mbar_init(empty + 8 * s, 4 * WGN); }
 #if CS > 1
-    mbar_init(full + 16 * ST, 1);              // the partial sums the cluster's other CTAs push here (epilogue)
-    mbar_expect(full + 16 * ST, (CS - 1) * (BM / 2 / CS) * NTHR * 4);
+    mbar_init(full + 16 * ST, 1);              // the partial sums the cluster's other CTAs push here (epilogue):
+    mbar_expect(full + 16 * ST, (CS - 1) * (BM / 8 / CS) * NTHR * 16);  // CS - 1 senders x G groups x 16 bytes
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 #endif
   }
