@@ -435,6 +435,8 @@ KNAME(const __grid_constant__ TMap wmap, XPARAM, const float* __restrict__ alpha
   const u32 pad = (1024 - (sptr(smem_raw) & 1023)) & 1023, sbase = sptr(smem_raw) + pad;
   char* smem = (char*)smem_raw + pad;
   const u32 full = sptr(bars), empty = full + 8 * ST;
+  constexpr int G = BM / 8 / CS;               // with K split, CTA z stores token groups z G .. z G + G - 1
+  static_assert(BM / 8 % CS == 0, "a CTA stores whole groups of 8 tokens");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // output tile t: channel tiles first, so that CTAs running together share X's rows. A launch may run only the
   // tiles from tile0 on (tiles.launches: a last, part-filled wave runs as a second launch that splits K)
@@ -450,7 +452,7 @@ KNAME(const __grid_constant__ TMap wmap, XPARAM, const float* __restrict__ alpha
     for (int s = 0; s < ST; s++) { mbar_init(full + 8 * s, 1); mbar_init(empty + 8 * s, 4 * WGN); }
 #if CS > 1
     mbar_init(full + 16 * ST, 1);              // the partial sums the cluster's other CTAs push here (epilogue):
-    mbar_expect(full + 16 * ST, (CS - 1) * (BM / 8 / CS) * NTHR * 16);  // CS - 1 senders x G groups x 16 bytes
+    mbar_expect(full + 16 * ST, (CS - 1) * G * NTHR * 16);  // CS - 1 senders x G groups x 16 bytes per thread
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 #endif
   }
@@ -540,15 +542,13 @@ KNAME(const __grid_constant__ TMap wmap, XPARAM, const float* __restrict__ alpha
 #if CS == 1
   store_acc(acc, (u16*)smem, alpha, al, bias, rs, Y, M, N, m0, tn0 * 16, warp, tid);
 #else
-  // K split over the cluster: CTA z stores token groups z G .. z G + G - 1 (8 tokens each). Each CTA pushes its
-  // partial sums of the other CTAs' groups into their shared memory with st.async, which counts the bytes on the
-  // receiver's mbarrier (16 bytes per thread, consecutive threads consecutive), adds what the others pushed to its
-  // own groups once its mbarrier has them all, and stores them as CS == 1 does. The one cluster barrier (relaxed:
+  // K split over the cluster: CTA z stores its G groups of 8 tokens (above). Each CTA pushes its partial sums of
+  // the other CTAs' groups into their shared memory with st.async, which counts the bytes on the receiver's mbarrier
+  // (16 bytes per thread, consecutive threads consecutive), adds what the others pushed to its own groups once its
+  // mbarrier has them all, and stores them as CS == 1 does. The one cluster barrier (relaxed:
   // nothing to publish) only says that every CTA is done with the stages the pushes overwrite.
-  constexpr int G = BM / 8 / CS;
-  static_assert(BM / 8 % CS == 0, "a CTA stores whole groups of 8 tokens");
   const float4* recv = (const float4*)smem;    // [CS - 1 senders][G][NTHR]
-  const u32 rbar = full + 16 * ST;
+  const u32 rbar = full + 16 * ST;             // bars' last: the cluster sum's mbarrier
   cluster_done();
 #pragma unroll
   for (int j = 0; j < BM / 8; j++) {
