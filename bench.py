@@ -81,10 +81,10 @@ def gemv_candidates(M, N, K):
     """GEMV tiles for --sweep at M <= 16: TN n16-tiles x KW warps per CTA, each warp just enough chunks for its share
     of K (split over CS CTAs), while X's rows fit in shared memory and there are at least ~60 CTAs."""
     kc, mt, out = math.ceil(K / 128), 1 if M <= 8 else 2, []
-    for tn, kw, cs in itertools.product((1, 2, 4), (2, 4, 8, 16), (1, 2, 4)):
+    for tn, kw, cs in itertools.product((1, 2, 3, 4, 6, 8), (2, 4, 8, 16), (1, 2, 4)):
         kcz = math.ceil(kc / cs)
         name = f"v{tn}x{kw}m{mt}c{math.ceil(kcz / kw)}"
-        if (4 <= tn * kw <= 32 and math.ceil(kcz / kw) <= 8 and (cs == 1 or kcz >= 2) and math.ceil(N / (16 * tn)) * cs >= 60
+        if (4 <= tn * kw <= 16 and math.ceil(kcz / kw) <= 8 and (cs == 1 or kcz >= 2) and math.ceil(N / (16 * tn)) * cs >= 60
                 and tiles.gemv_smem(name, M, kcz) <= 200 * 1024):
             out.append((name, cs))
     return out
@@ -93,11 +93,11 @@ def gemv_candidates(M, N, K):
 def candidates(M, N, K, wgmma):
     """Tile configs worth trying for --sweep (any config is correct for any M; these are the plausible ones)."""
     gemv = [(n, cs) for n, cs in gemv_candidates(M, N, K) if wgmma or cs == 1] if M <= tiles.GEMV_MAX_M else []
-    if gemv:  # clusters: Hopper
-        return gemv
+    if gemv:  # clusters: Hopper; from 9 tokens the 16-token wgmma tile too
+        return gemv + [("w16", cs) for cs in (1, 2) if wgmma and M > 8 and cs <= math.ceil(K / 128)]
     names = (["s32", "k32", "m64", "k64"] if M <= 64 else ["m64", "k64", "l128", "x256"] if M <= 512 else ["l128", "x256"])
     if wgmma and M >= 64:  # on Hopper the wgmma tiles replace the large mma.sync ones
-        names = names[:2] * (M == 64) + [n for n in tiles.WG_CONFIGS if tiles.WG_CONFIGS[n][1] <= max(64, 2 * M)]
+        names = names[:2] * (M == 64) + [n for n in tiles.WG_CONFIGS if 64 <= tiles.WG_CONFIGS[n][1] <= max(64, 2 * M)]
     splits = [1] if not wgmma else [1, 2] if M > 512 else [1, 2, 4, 8]  # clusters: Hopper
     dequant = [("dequant", 1)] if M >= 512 else []  # expand + cuBLAS
     return [(n, cs) for n in names for cs in splits if cs <= math.ceil(K / 128)] + dequant

@@ -40,8 +40,9 @@ applied in the epilogue:
   tmm (mma.sync m16n8k16, any GPU from sm_80): M = 17..63 on Hopper, from M = 17 elsewhere. Weights and X
     stream through a 3-8 stage cp.async ring in shared memory; a CTA owns a BN x BM block of Y; warps are laid
     out WN x WM x WK: WK > 1 warp groups take different k128 chunks of each stage.
-  wgmm / wgmm8 (wgmma, sm_90a): M >= 64 on Hopper; wgmm8 for ternary x fp8 activations (W1.58A8, opt-in:
-    fp8=True). WGN warpgroups each own 64 channels; per k16 step (k32 for fp8) a warpgroup issues an asynchronous
+  wgmm / wgmm8 (wgmma, sm_90a): M >= 64 on Hopper, and M = 9..16 where N is large (the 16-token tile w16: the
+    GEMV copies all of X's rows into each of its many CTAs before it multiplies, w16 streams X and W chunk by
+    chunk); wgmm8 for ternary x fp8 activations (W1.58A8, opt-in: fp8=True). WGN warpgroups each own 64 channels; per k16 step (k32 for fp8) a warpgroup issues an asynchronous
     wgmma.m64n<BM> whose A is its dequantised weights in registers and whose B, the X tile, the tensor cores read
     from shared memory through a matrix descriptor (the canonical K-major layout with the 128-byte swizzle:
     16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes apart). The operands arrive through a ring
@@ -265,8 +266,8 @@ def _kernel(name, cs, bf16, bias, avec, device):
     with cp.cuda.Device(device):
         k = cp.RawModule(code=_source(kind, name, cs, bf16, bias, avec), options=options).get_function(fn)
         nthr, smem = tiles.dims(name)[2:]  # a GEMV tile's is its most (16 tokens); _launch checks what it uses
-        if smem > 48 * 1024:
-            k.max_dynamic_shared_size_bytes = min(smem, _gpu(device).smem)
+        if smem + k.shared_size_bytes > 48 * 1024:  # past 48 KB with the static arrays: opt in
+            k.max_dynamic_shared_size_bytes = min(smem, _gpu(device).smem - k.shared_size_bytes)
     if k.max_threads_per_block < nthr:
         raise RuntimeError(f"kernel.py: config {name} compiled to {k.num_regs} registers per thread, too many for "
                            f"{nthr} threads per CTA on this GPU")
@@ -431,7 +432,7 @@ def _warn_once(msg):
 def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None, fp8=False):
     """Y = alpha * (x @ W~^T) + bias for x (..., K) -> (..., N) in x.dtype, alpha one float32 scale or N of them (one
     per output channel: linears fused along N, pack.FusedLinears). Fused kernel on CUDA bf16/fp16 +
-    cupy (wgmma on Hopper from M = 64), else the reference. Off Hopper, from M = 512 (K >= 1152, K % 128 == 0,
+    cupy (wgmma on Hopper from M = 64, for wide layers from M = 9), else the reference. Off Hopper, from M = 512 (K >= 1152, K % 128 == 0,
     N % 16 == 0): a transient 16-bit copy + cuBLAS. fp8: activations quantised per token to e4m3 (quant8, then
     wgmm8; Hopper only, the reference elsewhere). config=(name, cluster_size), name a tile or "dequant",
     overrides the choice (benchmarks/tests only)."""

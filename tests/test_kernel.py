@@ -89,6 +89,11 @@ def test_weight_tensor_map_addresses_the_packed_tiles(monkeypatch):
     assert changed.min() >= start and changed.max() < start + 4 * dims[0] and len(changed) > 256
 
 
+def split_fits(name, cs):
+    """A wgmma tile's K split: each CTA of the cluster sum stores whole groups of 8 tokens."""
+    return tiles.WG_CONFIGS[name][1] // 8 % cs == 0
+
+
 def gemv_fits(name, cs, M, K):
     """A GEMV tile takes the problem: M tokens, K in its warps' registers, X's rows in shared memory."""
     tn, kw, mt, cpw = tiles.gemv_tile(name)
@@ -108,8 +113,11 @@ def test_dispatch_names_only_existing_tiles():
             assert (name in tiles.CONFIGS or name == "dequant" or tiles.gemv_tile(name)) and cs == 1
             name, cs = tiles.pick(M, N, K, wgmma=True)
             assert tile(name) and cs in (1, 2, 4, 8)
-            assert (M <= tiles.GEMV_MAX_M) == (tiles.gemv_tile(name) is not None)
-            assert not tiles.gemv_tile(name) or gemv_fits(name, cs, M, K)
+            assert M <= tiles.GEMV_MAX_M or not tiles.gemv_tile(name)  # up to 16 tokens: a GEMV tile or w16
+            if tiles.gemv_tile(name):
+                assert gemv_fits(name, cs, M, K)
+            elif name in tiles.WG_CONFIGS:
+                assert split_fits(name, cs)
     for M, N, K in [(1, 17, 100), (70, 333, 1100), (4096, 5000, 640)]:  # untuned shapes: the heuristic
         assert tile(tiles.pick(M, N, K, wgmma=True)[0])
         assert tiles.pick8(M, N, K)[0] in tiles.WG8_CONFIGS
@@ -449,6 +457,8 @@ def test_every_config_poisoned():
         packed, ref = kernel.pack_2bit(w), reference(x, w, alpha)
         for name in all_configs():
             for cs in (1, 2, 4, 8):
+                if name in tiles.WG_CONFIGS and not split_fits(name, cs):
+                    continue
                 y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
                 kernel._launch(xp, packed, alpha, y, N, K, name, cs)
                 check(y, ref)
@@ -457,19 +467,20 @@ def test_every_config_poisoned():
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_every_tile_poisoned(dtype):
-    """The GEMV kernel (M <= 16): tiles of 1-4 n16-tiles x 2-16 warps, 8 or 16 tokens, K split over 1/2/4 CTAs
+    """The GEMV kernel (M <= 16): tiles of 1-8 n16-tiles x 2-16 warps, 8 or 16 tokens, K split over 1/2/4 CTAs
     (on Hopper), with and without bias, one alpha or one per channel, awkward M, N, K, straight through _launch
     into NaN-filled outputs."""
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(11)
     splits = (1, 2, 4) if kernel._gpu(torch.cuda.current_device()).wgmma else (1,)
-    for (K, N) in [(1000, 200), (129, 17), (3072, 3072), (8192, 48)]:
+    for (K, N) in [(1000, 200), (129, 17), (3072, 3072), (8192, 48), (4096, 40)]:  # 4096: 48 KB dynamic + static
         Kp, kc = kernel._padded(N, K)[1], kernel._padded(N, K)[1] // 128
         w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
         alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
         packed = kernel.pack_2bit(w)
         for i, (M, tn, kw, cs) in enumerate([(1, 1, 8, 1), (2, 2, 4, 2), (5, 4, 2, 1), (8, 1, 16, 4), (8, 1, 4, 1),
-                                             (9, 2, 8, 1), (13, 1, 4, 2), (16, 4, 4, 1), (16, 1, 2, 4)]):
+                                             (9, 2, 8, 1), (13, 1, 4, 2), (16, 4, 4, 1), (16, 1, 2, 4), (3, 3, 4, 2),
+                                             (16, 6, 2, 4), (12, 8, 2, 2), (16, 2, 8, 4)]):
             alpha = torch.rand(N if i % 2 else 1, device="cuda", generator=gen) + 0.1
             name = f"v{tn}x{kw}m{1 if M <= 8 else 2}c{math.ceil(math.ceil(kc / cs) / kw)}"
             if cs not in splits or -(-kc // cs) < cs or not gemv_fits(name, cs, M, K):
