@@ -40,23 +40,23 @@ applied in the epilogue:
   tmm (mma.sync m16n8k16, any GPU from sm_80): M = 17..63 on Hopper, from M = 17 elsewhere. Weights and X
     stream through a 3-8 stage cp.async ring in shared memory; a CTA owns a BN x BM block of Y; warps are laid
     out WN x WM x WK: WK > 1 warp groups take different k128 chunks of each stage.
-  wgmm / wgmm8 (wgmma, sm_90a): M >= 64 on Hopper, and M = 9..16 where N is large (the 16-token tile w16: the
-    GEMV copies all of X's rows into each of its many CTAs before it multiplies, w16 streams X and W chunk by
-    chunk); wgmm8 for ternary x fp8 activations (W1.58A8, opt-in: fp8=True). WGN warpgroups each own 64 channels; per k16 step (k32 for fp8) a warpgroup issues an asynchronous
-    wgmma.m64n<BM> whose A is its dequantised weights in registers and whose B, the X tile, the tensor cores read
-    from shared memory through a matrix descriptor (the canonical K-major layout with the 128-byte swizzle:
-    16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024 bytes apart). The operands arrive through a ring
-    of stages filled by the copy engine (TMA): thread 0 issues a stage's copies (the CTA's weight tiles in one,
-    through a 3-D tensor map of the codes: _w_map), which count their bytes into the stage's mbarrier; warps
-    release stages through mbarriers, so the main loop has no CTA barrier and no address arithmetic. 16-bit X is
-    read through a tensor map too (_x_map: the driver's cuTensorMapEncodeTiled through ctypes), whose copies write
-    the swizzle themselves. Without a cluster split the epilogue scales and rounds in registers and stores the
-    tile through stmatrix and shared memory in 16-byte pieces. For fp8, quant8 first turns each token's row into e4m3
-    codes and one float32 scale (amax / 448), written as the shared-memory image of a stage (chunk-major, k
-    permuted within each 16 as dequant8 orders the weights' bytes, pieces swizzled): one bulk copy per stage.
-    Trits are exact in e4m3: two PRMTs per register turn 4 codes into 4 e4m3 bytes; wgmma.e4m3 runs at twice the
-    bf16 rate; the epilogue multiplies by alpha and the token's scale. A warpgroup dequantises the next group of
-    4 wgmmas into a second register set while the current one multiplies.
+  wgmm / wgmm8 (wgmma, sm_90a): M >= 64 on Hopper, and M = 9..16 where N is large (the 16-token tile w16: the GEMV
+    copies all of X's rows into each of its many CTAs before it multiplies, w16 streams X and W chunk by chunk);
+    wgmm8 for ternary x fp8 activations (W1.58A8, opt-in: fp8=True). WGN warpgroups each own 64 channels; per k16
+    step (k32 for fp8) a warpgroup issues an asynchronous wgmma.m64n<BM> whose A is its dequantised weights in
+    registers and whose B, the X tile, the tensor cores read from shared memory through a matrix descriptor (the
+    canonical K-major layout with the 128-byte swizzle: 16-byte piece c of row r at piece c ^ r%8, 8-row groups 1024
+    bytes apart). The operands arrive through a ring of stages filled by the copy engine (TMA): thread 0 issues a
+    stage's copies (the CTA's weight tiles in one, through a 3-D tensor map of the codes: _w_map), which count their
+    bytes into the stage's mbarrier; warps release stages through mbarriers, so the main loop has no CTA barrier and
+    no address arithmetic. 16-bit X is read through a tensor map too (_x_map: the driver's cuTensorMapEncodeTiled
+    through ctypes), whose copies write the swizzle themselves. Without a cluster split the epilogue scales and
+    rounds in registers and stores the tile through stmatrix and shared memory in 16-byte pieces. For fp8, quant8
+    first turns each token's row into e4m3 codes and one float32 scale (amax / 448), written as the shared-memory
+    image of a stage (chunk-major, k permuted within each 16 as dequant8 orders the weights' bytes, pieces
+    swizzled): one bulk copy per stage. Trits are exact in e4m3: two PRMTs per register turn 4 codes into 4 e4m3
+    bytes; wgmma.e4m3 runs at twice the bf16 rate; the epilogue multiplies by alpha and the token's scale. A
+    warpgroup dequantises the next group of 4 wgmmas into a second register set while the current one multiplies.
 When (N/BN)*(M/BM) CTAs cannot fill the SMs, K is also split over a thread-block *cluster* of CS = 2..8 CTAs
 (Hopper) whose partial tiles are summed through distributed shared memory: one launch, no workspace, memset or
 atomics, deterministic, CUDA-graph safe. tmv and tmm read the other CTAs' tiles (mapa + ld.shared::cluster); in
@@ -432,10 +432,10 @@ def _warn_once(msg):
 def ternary_matmul(x, packed, alpha, N, K, bias=None, config=None, fp8=False):
     """Y = alpha * (x @ W~^T) + bias for x (..., K) -> (..., N) in x.dtype, alpha one float32 scale or N of them (one
     per output channel: linears fused along N, pack.FusedLinears). Fused kernel on CUDA bf16/fp16 +
-    cupy (wgmma on Hopper from M = 64, for wide layers from M = 9), else the reference. Off Hopper, from M = 512 (K >= 1152, K % 128 == 0,
-    N % 16 == 0): a transient 16-bit copy + cuBLAS. fp8: activations quantised per token to e4m3 (quant8, then
-    wgmm8; Hopper only, the reference elsewhere). config=(name, cluster_size), name a tile or "dequant",
-    overrides the choice (benchmarks/tests only)."""
+    cupy (wgmma on Hopper from M = 64, for wide layers from M = 9), else the reference. Off Hopper, from M = 512
+    (K >= 1152, K % 128 == 0, N % 16 == 0): a transient 16-bit copy + cuBLAS. fp8: activations quantised per token
+    to e4m3 (quant8, then wgmm8; Hopper only, the reference elsewhere). config=(name, cluster_size), name a tile
+    or "dequant", overrides the choice (benchmarks/tests only)."""
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features, expected K={K}")
     if bias is not None and bias.shape != (N,):

@@ -473,7 +473,7 @@ def test_gemv_every_tile_poisoned(dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(11)
     splits = (1, 2, 4) if kernel._gpu(torch.cuda.current_device()).wgmma else (1,)
-    for (K, N) in [(1000, 200), (129, 17), (3072, 3072), (8192, 48), (4096, 40)]:  # 4096: 48 KB dynamic + static
+    for (K, N) in [(1000, 200), (129, 17), (3072, 3072), (8192, 48), (4096, 40)]:  # 4096: 48 KB, the opt-in's edge
         Kp, kc = kernel._padded(N, K)[1], kernel._padded(N, K)[1] // 128
         w = (torch.randint(0, 3, (N, K), device="cuda", generator=gen) - 1).to(torch.int8)
         alpha = torch.rand(1, device="cuda", generator=gen) + 0.1
