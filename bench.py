@@ -94,7 +94,8 @@ def candidates(M, N, K, wgmma):
     """Tile configs worth trying for --sweep (any config is correct for any M; these are the plausible ones)."""
     gemv = [(n, cs) for n, cs in gemv_candidates(M, N, K) if wgmma or cs == 1] if M <= tiles.GEMV_MAX_M else []
     if gemv:  # clusters: Hopper; from 9 tokens the 16-token wgmma tile too
-        return gemv + [("w16", cs) for cs in (1, 2) if wgmma and M > 8 and cs <= math.ceil(K / 128)]
+        return gemv + [("w16", cs) for cs in (1, 2, 4, 8)
+                       if wgmma and M > 8 and cs <= min(tiles.max_split("w16"), math.ceil(K / 128))]
     names = (["s32", "k32", "m64", "k64"] if M <= 64 else ["m64", "k64", "l128", "x256"] if M <= 512 else ["l128", "x256"])
     if wgmma and M >= 64:  # on Hopper the wgmma tiles replace the large mma.sync ones
         names = names[:2] * (M == 64) + [n for n in tiles.WG_CONFIGS if 64 <= tiles.WG_CONFIGS[n][1] <= max(64, 2 * M)]

@@ -311,13 +311,15 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
                              f"shared memory ({smem} bytes here), got M={M}, K={K}")
     variant = (y.dtype == torch.bfloat16, _bias_kind(bias, y.dtype), alpha.numel() > 1, y.device.index)
     nt16 = _padded(N, K)[0] // 16
+    wgmma = name in tiles.WG_CONFIGS or name in tiles.WG8_CONFIGS  # they read W through a tensor map too
+    if wgmma and cs > tiles.max_split(name):
+        raise ValueError(f"wgmma tile {name} splits K over at most {tiles.max_split(name)} CTAs, got {cs}")
     if name in tiles.WG_CONFIGS:  # wgmm reads X through a tensor map, passed by value
         xargs = (_x_map(x2.data_ptr(), M, Kp, bm),)
     elif scales is not None:  # wgmm8: quant8's image of X, its scales, its padded row count
         xargs = (cp.uint64(x2.data_ptr()), cp.uint64(scales.data_ptr()), cp.int32(x2.shape[1]))
     else:
         xargs = (cp.uint64(x2.data_ptr()),)
-    wgmma = name in tiles.WG_CONFIGS or name in tiles.WG8_CONFIGS  # they read W through a tensor map too
     wargs = _w_map(packed.data_ptr(), nt16, Kp // 128, bn // 16) if wgmma else cp.uint64(packed.data_ptr())
     args = (wargs, *xargs, cp.uint64(alpha.data_ptr()),
             cp.uint64(0 if bias is None else bias.data_ptr()), cp.uint64(y.data_ptr()),

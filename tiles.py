@@ -41,7 +41,7 @@ def gemv_tile(name):
 # MINB CTAs per SM: a warpgroup waits for its own wgmmas, so the SM needs several warpgroups to keep the tensor
 # cores busy. Each won rows of an H200 sweep (a 5-stage w2x128 won none; 3 x 64 channels x 64 tokens spilled).
 # w16 (16 tokens, 8 stages: each CTA's chunks stream in one after another, so the ring hides their latency) is for
-# M = 9-16 where N is large; it splits K at most in 2 (a CTA of the cluster sum stores whole groups of 8 tokens).
+# M = 9-16 where N is large; it splits K at most in 2 (max_split).
 WG_CONFIGS = {"w64": (1, 64, 4, 3), "w64s6": (1, 64, 6, 2), "w128": (1, 128, 3, 2), "w2x64": (2, 64, 4, 2),
               "w2x128": (2, 128, 3, 2), "w3x128": (3, 128, 4, 1), "w2x256": (2, 256, 3, 1), "w16": (1, 16, 8, 4)}
 # ternary x fp8 wgmma tiles (wgmm8), same fields: the survivors of an H200 sweep. Independent CTAs of one
@@ -61,12 +61,18 @@ def launches(M, N, K, name, cs, sms):
     if cs > 1 or full == 0 or not 0 < rest <= slots // 2:
         return [(0, n_tiles, cs)]
     kc, cs2 = -(-K // 128), 1
-    while cs2 < min(8, bm // 8) and 4 * cs2 <= kc and 2 * cs2 * rest <= slots:
+    while cs2 < max_split(name) and 4 * cs2 <= kc and 2 * cs2 * rest <= slots:
         cs2 *= 2
     return [(0, full * slots, 1), (full * slots, rest, cs2)] if cs2 > 1 else [(0, n_tiles, 1)]
 # (Tried instead: stream-K, one launch of a CTA per SM, each an equal share of all the tiles' chunks, partial sums
 # handed on through a global workspace. Correct, but slower than this and the tuned tiles on every 4.2B shape
 # measured: README, and git branch stream-k-attempt.)
+
+
+def max_split(name):
+    """The most CTAs a wgmma tile's K may be split over (kernel.cu: each CTA of the cluster sum stores whole groups
+    of 8 tokens; clusters of up to 8)."""
+    return min(8, dims(name)[1] // 8)
 
 
 def dims(name):

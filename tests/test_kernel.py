@@ -90,8 +90,8 @@ def test_weight_tensor_map_addresses_the_packed_tiles(monkeypatch):
 
 
 def split_fits(name, cs):
-    """A wgmma tile's K split: each CTA of the cluster sum stores whole groups of 8 tokens."""
-    return tiles.WG_CONFIGS[name][1] // 8 % cs == 0
+    """A wgmma tile's K split: each CTA of the cluster sum stores whole groups of 8 tokens (kernel.cu's assert)."""
+    return tiles.dims(name)[1] // 8 % cs == 0
 
 
 def gemv_fits(name, cs, M, K):
@@ -135,6 +135,8 @@ def test_launches_split_a_part_filled_last_wave():
     assert tiles.launches(2048, 2112 * 8, 3072, "w2x256", 1, 132) == [(0, 1056, 1)]  # full waves only
     assert tiles.launches(512, 128 * 100, 3072, "w2x256", 1, 132) == [(0, 200, 1)]  # last wave more than half full
     assert tiles.launches(512, 9216, 256, "w2x256", 1, 132) == [(0, 144, 1)]  # K too short to split
+    assert tiles.launches(16, 64 * 538, 3072, "w16", 1, 132) == [(0, 528, 1), (528, 10, 2)]  # 16 tokens: split <= 2
+    assert all(split_fits(name, tiles.max_split(name)) for name in {**tiles.WG_CONFIGS, **tiles.WG8_CONFIGS})
     for M, N, K, name in [(2048, 3072, 3072, "w2x256"), (200, 6400 - 40, 1000, "w64"), (300, 8960, 8192, "f128")]:
         bn, bm = tiles.dims(name)[:2]
         runs = tiles.launches(M, N, K, name, 1, 132)
@@ -457,7 +459,10 @@ def test_every_config_poisoned():
         packed, ref = kernel.pack_2bit(w), reference(x, w, alpha)
         for name in all_configs():
             for cs in (1, 2, 4, 8):
-                if name in tiles.WG_CONFIGS and not split_fits(name, cs):
+                if name in tiles.WG_CONFIGS and not split_fits(name, cs):  # says so, before compiling anything
+                    y = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+                    with pytest.raises(ValueError, match="splits K over at most"):
+                        kernel._launch(xp, packed, alpha, y, N, K, name, cs)
                     continue
                 y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
                 kernel._launch(xp, packed, alpha, y, N, K, name, cs)
