@@ -6,6 +6,7 @@ Benchmarks: the fused ternary kernel (kernel.py) against cuBLAS bf16 F.linear on
     python bench.py --what kernels --sweep     # first time every candidate tile config / cluster split per row,
                                                # use the fastest, print the table to paste as tiles.TUNED
     python bench.py --what kernels --act fp8 --sweep --m 64,256,512,2048,8192   # fp8 activations: tiles.TUNED8
+    python bench.py --what floors --out bench_results/floors_h200.md   # empty launches, L2 -> smem, plain reads
 
 How it times (see /work/.library/device/METHOD.md): every number is the median over --reps replays of a
 CUDA graph holding many calls, timed with CUDA events, so launch gaps from Python are gone. Consecutive
@@ -79,11 +80,12 @@ def time_graph(fn, n_calls, reps):
 
 def gemv_candidates(M, N, K):
     """GEMV tiles for --sweep at M <= 16: TN n16-tiles x KW warps per CTA, each warp just enough chunks for its share
-    of K (split over CS CTAs), while X's rows fit in shared memory and there are at least ~60 CTAs."""
+    of K (split over CS CTAs), weights loaded into registers or staged through shared memory, while shared memory
+    holds X's rows (and the staged chunks) and there are at least ~60 CTAs."""
     kc, mt, out = math.ceil(K / 128), 1 if M <= 8 else 2, []
-    for tn, kw, cs in itertools.product((1, 2, 3, 4, 6, 8), (2, 4, 8, 16), (1, 2, 4)):
+    for tn, kw, cs, stage in itertools.product((1, 2, 3, 4, 6, 8), (2, 4, 8, 16), (1, 2, 4), ("", "s")):
         kcz = math.ceil(kc / cs)
-        name = f"v{tn}x{kw}m{mt}c{math.ceil(kcz / kw)}"
+        name = f"v{tn}x{kw}m{mt}c{math.ceil(kcz / kw)}{stage}"
         if (4 <= tn * kw <= 16 and math.ceil(kcz / kw) <= 8 and (cs == 1 or kcz >= 2) and math.ceil(N / (16 * tn)) * cs >= 60
                 and tiles.gemv_smem(name, M, kcz) <= 200 * 1024):
             out.append((name, cs))
@@ -94,8 +96,8 @@ def candidates(M, N, K, wgmma):
     """Tile configs worth trying for --sweep (any config is correct for any M; these are the plausible ones)."""
     gemv = [(n, cs) for n, cs in gemv_candidates(M, N, K) if wgmma or cs == 1] if M <= tiles.GEMV_MAX_M else []
     if gemv:  # clusters: Hopper; from 9 tokens the 16-token wgmma tile too
-        return gemv + [("w16", cs) for cs in (1, 2, 4, 8)
-                       if wgmma and M > 8 and cs <= min(tiles.max_split("w16"), math.ceil(K / 128))]
+        return gemv + [(n, cs) for n in ("w16", "w16s4") for cs in (1, 2, 4, 8)
+                       if wgmma and M > 8 and cs <= min(tiles.max_split(n), math.ceil(K / 128))]
     names = (["s32", "k32", "m64", "k64"] if M <= 64 else ["m64", "k64", "l128", "x256"] if M <= 512 else ["l128", "x256"])
     if wgmma and M >= 64:  # on Hopper the wgmma tiles replace the large mma.sync ones
         names = names[:2] * (M == 64) + [n for n in tiles.WG_CONFIGS if 64 <= tiles.WG_CONFIGS[n][1] <= max(64, 2 * M)]
@@ -179,6 +181,78 @@ def markdown(rows, title):
         out.append("| {model} | {layer} | {K} | {N} | {M} | {kernel_us:.2f} | {cublas_us:.2f} | {speedup:.2f}x | "
                    "{TBps:.2f} | {TFLOPs:.1f} | {cublas_TFLOPs:.1f} | {config} |".format(**r))
     return "\n".join(out) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# the floors under the small-M kernels: how long a launch of nothing takes in a graph, how fast an SM pulls the same
+# L2-resident bytes into shared memory (what the GEMV does with X's rows), and a plain read of a layer's packed codes
+
+FLOOR_SRC = r"""
+extern "C" __global__ void __launch_bounds__(256) ingest(const uint4* __restrict__ X, int n16, int distinct,
+                                                        float* out) {
+  extern __shared__ uint4 s[];  // each CTA copies n16 16-byte pieces into shared memory, as tmv copies X's rows
+  const uint4* src = X + (distinct ? (size_t)blockIdx.x * n16 : 0);
+  unsigned base;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(base) : "l"(s));
+  for (int i = threadIdx.x; i < n16; i += 256)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(base + i * 16), "l"(src + i));
+  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0 && n16 > 0) out[blockIdx.x] = __uint_as_float(s[n16 - 1].x);
+}
+extern "C" __global__ void __launch_bounds__(256) readw(const uint4* __restrict__ W, int n16, unsigned* out) {
+  unsigned acc = 0;  // 4 16-byte loads per thread, all issued first (as tmv's weight loads), xor-ed together
+  uint4 v[4];
+  for (int j = 0; j < 4; j++) {
+    const int i = (blockIdx.x * 4 + j) * 256 + threadIdx.x;
+    v[j] = i < n16 ? W[i] : make_uint4(0, 0, 0, 0);
+  }
+  for (int j = 0; j < 4; j++) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+  if (acc == 0x9e3779b9u) out[0] = acc;  // never (almost): keeps the loads
+}
+"""
+
+
+def bench_floors(args):
+    """(rows, markdown): graph-timed launches of the ingest and readw probes (FLOOR_SRC) and, beside them, the
+    ternary kernel at M = 1 on the same layers (cold weights as in --what kernels)."""
+    dev, gen = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0)
+    mod = kernel.cp.RawModule(code=FLOOR_SRC)
+    ingest, readw = mod.get_function("ingest"), mod.get_function("readw")
+    ingest.max_dynamic_shared_size_bytes = 96 * 1024
+    sms = kernel._gpu(0).sms
+    X = torch.randn(sms * 96 * 1024 // 4, device=dev, generator=gen)  # 96 KB per SM, stays in L2
+    out = torch.empty(4 * sms, device=dev)
+    stream = lambda: kernel._stream(torch.cuda.current_stream().cuda_stream, 0)
+    u64, i32 = kernel.cp.uint64, kernel.cp.int32
+    rows, md = [], ["## Floors: launches, L2 -> shared memory, plain reads of the codes", "",
+                    "| probe | CTAs | KB per CTA | us per launch |", "|---|---|---|---|"]
+    for kb, distinct in ((0, 0), (24, 0), (48, 0), (96, 0), (96, 1)):
+        for g in (1, sms // 2, sms, 2 * sms):
+            if distinct and g > sms:
+                continue
+            t = time_graph(lambda i: ingest((g,), (256,), (u64(X.data_ptr()), i32(kb * 64), i32(distinct),
+                                                           u64(out.data_ptr())), shared_mem=kb * 1024, stream=stream()),
+                           200, args.reps)
+            probe = "empty launch" if kb == 0 else "ingest, " + ("each CTA its own bytes" if distinct else "same bytes")
+            rows.append(dict(probe=probe, ctas=g, kb=kb, us=t))
+            md.append(f"| {probe} | {g} | {kb} | {t:.2f} |")
+    md += ["", "| layer | K | N | packed MB | plain read us | ternary M=1 us | ternary / read |",
+           "|---|---|---|---|---|---|---|"]
+    for model, layer, K, N in SHAPES:
+        w = (torch.randint(0, 3, (N, K), device=dev, generator=gen) - 1).to(torch.int8)
+        packed, alpha = kernel.pack_2bit(w), torch.rand(1, device=dev, generator=gen) + 0.5
+        P = [packed.clone() for _ in range(math.ceil(args.cold_mb * 1e6 / packed.numel()))]
+        x = torch.randn(1, K, device=dev, generator=gen).bfloat16()
+        n16 = packed.numel() // 16
+        tr = time_graph(lambda i: readw((-(-n16 // 1024),), (256,), (u64(P[i % len(P)].data_ptr()), i32(n16),
+                                                                    u64(out.data_ptr())), stream=stream()),
+                        200, args.reps)
+        tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K), 200, args.reps)
+        rows.append(dict(model=model, layer=layer, K=K, N=N, mb=packed.numel() / 1e6, read_us=tr, kernel_us=tk))
+        md.append(f"| {model} {layer} | {K} | {N} | {packed.numel() / 1e6:.2f} | {tr:.2f} | {tk:.2f} | {tk / tr:.2f} |")
+        del P
+    return rows, "\n".join(md) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -491,7 +565,7 @@ def bench_train(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("--what", default="kernels", choices=["kernels", "model", "train", "all"],
+    p.add_argument("--what", default="kernels", choices=["kernels", "floors", "model", "train", "all"],
                    help="kernels: per-layer vs cuBLAS; model: end-to-end sampling; train: QAT step time")
     p.add_argument("--sizes", default="600M,4.2B", help="model sizes for --what model")
     p.add_argument("--steps", type=int, default=250, help="sampling steps for --what model")
@@ -521,6 +595,10 @@ def main():
         results.update(kernels=rows, sweep=sweep, tuned={f"{k[0]}x{k[1]}": v for k, v in tuned.items()})
         if args.sweep:
             print("TUNED8 =" if args.act == "fp8" else "TUNED =", tuned)
+    if args.what in ("floors", "all"):
+        rows, table = bench_floors(args)
+        md += "\n" + table
+        results.update(floors=rows)
     if args.what in ("model", "all"):
         rows, table = bench_model(args)
         md += "\n" + table

@@ -206,7 +206,24 @@ tmm(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
 // per lane, which is the warp's A fragments), the CTA copies the M rows of X to shared memory once, each warp
 // multiplies its chunks, the CTA sums its warps. A CTA = TN n16-tiles x KW warps along K, a warp up to CPW
 // chunks; a CTA covers all of K, or 1/CS of it with the partial tiles summed over a cluster as in tmm.
+// STAGE: the weight words take a detour through shared memory, X's copy first and then one cp.async group per
+// chunk, so that a warp multiplies chunk j as soon as it has landed. Loaded into registers, a warp's chunks share
+// one scoreboard (ptxas's choice), so its first multiply waits for all of them; but X's copy goes first, ahead of
+// the weights (the sweep picks per layer).
 #define NTHR (32 * TN * KW)
+__device__ __forceinline__ void cp_wait(int n) {  // cp.async.wait_group n: n must be known once unrolled
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
+    case 7: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 8;" ::: "memory"); break;  // CPW <= 8
+  }
+}
 __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {  // read once: not kept in L1
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -220,21 +237,36 @@ tmv(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
   const int tw = warp % TN, kw = warp / TN, tn = min((int)blockIdx.x * TN + tw, NT16 - 1);
   const int KCZ = (KC + CS - 1) / CS, cz = z * KCZ, ncz = min(KC - cz, KCZ);  // the CTA's chunks: cz, cz+1, ..
   const int cw = kw * CPW, nw = max(0, min(ncz - cw, CPW));                 // the warp's: cz+cw, .. (nw of them)
+  // shared memory: red[KW][TN][MT][4][32] fp32 partials | X[m][chunk][16 pieces], piece ^= m % 8 (as in tmm) |
+  // STAGE: ws[KW * TN][CPW][32] a lane's 16 bytes of each of its warp's chunks
+  float* red = (float*)smem;
+  const u32 xs = sptr(smem + KW * TN * MT * 32), ws = xs + (M * KCZ * 16 + (warp * CPW * 32 + lane)) * 16;
+  auto copy_x = [&] {
+#pragma unroll 1
+    for (int m = 0; m < M; m++)
+#pragma unroll 1
+      for (int r = tid; r < ncz * 16; r += NTHR)  // r = 16 * chunk + piece
+        cp16(xs + (m * KCZ * 16 + (r & ~15) + ((r & 15) ^ (m & 7))) * 16, X + ((size_t)m * KC + cz) * 16 + r, 16);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+#if STAGE
+  copy_x();
+#pragma unroll
+  for (int j = 0; j < CPW; j++) {  // group 1 + j: chunk j (zeros past the warp's chunks, from a valid address)
+    cp16(ws + j * 512, W + ((size_t)tn * KC + min(cz + cw + j, KC - 1)) * 32 + lane, j < nw ? 16 : 0);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  const float al = *alpha;
+  cp_wait(CPW);  // X's rows (this thread's pieces; after the barrier, everyone's)
+#else
   uint4 wq[CPW];
   const uint4* wp = W + ((size_t)tn * KC + cz + cw) * 32 + lane;
 #pragma unroll
   for (int j = 0; j < CPW; j++) wq[j] = j < nw ? ldg_stream(wp + j * 32) : make_uint4(0, 0, 0, 0);
   const float al = *alpha;
-
-  // shared memory: red[KW][TN][MT][4][32] fp32 partials | X[m][chunk][16 pieces], piece ^= m % 8 (as in tmm)
-  float* red = (float*)smem;
-  const u32 xs = sptr(smem + KW * TN * MT * 32);
-#pragma unroll 1
-  for (int m = 0; m < M; m++)
-#pragma unroll 1
-    for (int r = tid; r < ncz * 16; r += NTHR)  // r = 16 * chunk + piece
-      cp16(xs + (m * KCZ * 16 + (r & ~15) + ((r & 15) ^ (m & 7))) * 16, X + ((size_t)m * KC + cz) * 16 + r, 16);
-  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+  copy_x();
+  cp_wait(0);
+#endif
   __syncthreads();
 
   // ldmatrix.x4 as in tmm. Lanes of tokens m >= M read row M-1 instead: those outputs are never stored, and
@@ -253,6 +285,14 @@ tmv(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
 #pragma unroll
   for (int j = 0; j < CPW; j++) {
     if (j >= nw) break;
+#if STAGE
+    cp_wait(CPW - 1 - j);  // chunk j has landed (this lane's own bytes: no barrier)
+    uint4 wj;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(wj.x), "=r"(wj.y), "=r"(wj.z), "=r"(wj.w) : "r"(ws + j * 512));
+#else
+    const uint4 wj = wq[j];
+#endif
 #pragma unroll
     for (int w = 0; w < 4; w++) {
       u32 xq[MT][4], f[8];
@@ -262,7 +302,7 @@ tmv(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                      : "=r"(xq[mt][0]), "=r"(xq[mt][1]), "=r"(xq[mt][2]), "=r"(xq[mt][3]) : "r"(a));
       }
-      dequant(word(wq[j], w), f);
+      dequant(word(wj, w), f);
 #pragma unroll
       for (int mt = 0; mt < MT; mt++) {
         mma(acc[(2 * w) & 3][mt], f, xq[mt][0], xq[mt][1]);

@@ -37,11 +37,13 @@ applied in the epilogue:
     the M rows of X into shared memory once (XOR-swizzled: 16-byte piece ^ row%8, read with ldmatrix.x4,
     conflict-free), each warp multiplies its chunks, the CTA sums its warps. A CTA = TN n16-tiles x KW warps
     along K; it covers all of K (or 1/CS of it, over a cluster as below), so nothing waits on a ring slot.
+    Staged tiles (name ending in "s") copy X first and each chunk's words through shared memory, one cp.async
+    group per chunk, so that a warp multiplies a chunk as soon as it lands.
   tmm (mma.sync m16n8k16, any GPU from sm_80): M = 17..63 on Hopper, from M = 17 elsewhere. Weights and X
     stream through a 3-8 stage cp.async ring in shared memory; a CTA owns a BN x BM block of Y; warps are laid
     out WN x WM x WK: WK > 1 warp groups take different k128 chunks of each stage.
-  wgmm / wgmm8 (wgmma, sm_90a): M >= 64 on Hopper, and M = 9..16 where N is large (the 16-token tile w16: the GEMV
-    copies all of X's rows into each of its many CTAs before it multiplies, w16 streams X and W chunk by chunk);
+  wgmm / wgmm8 (wgmma, sm_90a): M >= 64 on Hopper, and M = 9..16 where N is large (16-token tiles: the GEMV
+    copies all of X's rows into each of its many CTAs before it multiplies, they stream X and W chunk by chunk);
     wgmm8 for ternary x fp8 activations (W1.58A8, opt-in: fp8=True). WGN warpgroups each own 64 channels; per k16
     step (k32 for fp8) a warpgroup issues an asynchronous wgmma.m64n<BM> whose A is its dequantised weights in
     registers and whose B, the X tile, the tensor cores read from shared memory through a matrix descriptor (the
@@ -244,7 +246,7 @@ def _source(kind, name=None, cs=1, bf16=True, bias=0, avec=False):
     if kind == "TMM":
         d.update(zip(("WNT", "WMT", "WN", "WM", "WK", "ST", "NACC"), tiles.CONFIGS[name]))
     if kind == "TMV":
-        d.update(zip(("TN", "KW", "MT", "CPW"), tiles.gemv_tile(name)))
+        d.update(zip(("TN", "KW", "MT", "CPW", "STAGE"), tiles.gemv_tile(name)))
     if kind in ("WGMM", "WGMM8"):
         d.update(zip(("WGN", "BM", "ST", "MINB"), (tiles.WG_CONFIGS if kind == "WGMM" else tiles.WG8_CONFIGS)[name]))
     with open(_CU) as f:
@@ -304,7 +306,7 @@ def _launch(x2, packed, alpha, y, N, K, name, cs, bias=None, scales=None):
     M, Kp = y.shape[0], _padded(N, K)[1]
     bn, bm, nthr, smem = tiles.dims(name)
     if gv := tiles.gemv_tile(name):  # the GEMV's shared memory holds X's M rows of the CTA's chunks
-        kcz, (_, kw, _, cpw) = -(-Kp // 128 // cs), gv
+        kcz, (_, kw, _, cpw, _) = -(-Kp // 128 // cs), gv
         smem = tiles.gemv_smem(name, M, kcz)
         if M > bm or kcz > kw * cpw or smem > _gpu(y.device.index).smem:
             raise ValueError(f"GEMV tile {name}/cs{cs} takes M <= {bm}, K <= {128 * kw * cpw * cs} and X's rows in "

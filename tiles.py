@@ -26,24 +26,28 @@ CONFIGS = {
 }
 # GEMV tiles (tmv, M <= 16) are named by their parameters, "v<TN>x<KW>m<MT>c<CPW>": a CTA of TN n16-tiles x KW
 # warps along K, up to 8*MT tokens, a warp up to CPW k128 chunks in registers (a CTA takes K <= 128*KW*CPW, a
-# cluster of CS CTAs CS times that). Their best shape depends on K, so the tuned table spells them out.
+# cluster of CS CTAs CS times that); a trailing "s" stages the chunks through shared memory (kernel.cu, STAGE).
+# Their best shape depends on K, so the tuned table spells them out.
 GEMV_MAX_M = 16
 
 
 @functools.lru_cache(maxsize=None)
 def gemv_tile(name):
-    """(TN, KW, MT, CPW) of a GEMV tile name, or None for other names (cached: kernel._launch asks on every call)."""
-    m = re.fullmatch(r"v(\d+)x(\d+)m([12])c(\d+)", name)
-    return tuple(int(v) for v in m.groups()) if m else None
+    """(TN, KW, MT, CPW, STAGE) of a GEMV tile name, or None for other names (cached: kernel._launch asks on every
+    call)."""
+    m = re.fullmatch(r"v(\d+)x(\d+)m([12])c(\d+)(s?)", name)
+    return (*(int(v) for v in m.groups()[:4]), int(m[5] == "s")) if m else None
 
 
 # wgmma tiles (sm_90a), name: (WGN, BM, ST, MINB) -> BN = 64*WGN channels x BM tokens, WGN warpgroups, ST stages,
 # MINB CTAs per SM: a warpgroup waits for its own wgmmas, so the SM needs several warpgroups to keep the tensor
 # cores busy. Each won rows of an H200 sweep (a 5-stage w2x128 won none; 3 x 64 channels x 64 tokens spilled).
-# w16 (16 tokens, 8 stages: each CTA's chunks stream in one after another, so the ring hides their latency) is for
-# M = 9-16 where N is large; it splits K at most in 2 (max_split).
+# w16 (16 tokens, 8 stages: each CTA's chunks stream in one after another, so the ring hides their latency) and
+# w16s4 (4 stages; with K split in 2, adaLN's winner) are for M = 9-16 where N is large; they split K at most in 2
+# (max_split).
 WG_CONFIGS = {"w64": (1, 64, 4, 3), "w64s6": (1, 64, 6, 2), "w128": (1, 128, 3, 2), "w2x64": (2, 64, 4, 2),
-              "w2x128": (2, 128, 3, 2), "w3x128": (3, 128, 4, 1), "w2x256": (2, 256, 3, 1), "w16": (1, 16, 8, 4)}
+              "w2x128": (2, 128, 3, 2), "w3x128": (3, 128, 4, 1), "w2x256": (2, 256, 3, 1), "w16": (1, 16, 8, 4),
+              "w16s4": (1, 16, 4, 4)}
 # ternary x fp8 wgmma tiles (wgmm8), same fields: the survivors of an H200 sweep. Independent CTAs of one
 # warpgroup did best (a CTA's warpgroups wait for one another's stage releases); 4 warpgroups per CTA did worst.
 WG8_CONFIGS = {"f64": (1, 64, 6, 3), "f128": (1, 128, 4, 3), "f2x128": (2, 128, 4, 2), "f2x256": (2, 256, 4, 1)}
@@ -78,7 +82,7 @@ def max_split(name):
 def dims(name):
     """(BN, BM, threads, dynamic shared memory bytes) of a config."""
     if gv := gemv_tile(name):
-        tn, kw, mt, cpw = gv
+        tn, kw, mt, cpw, _ = gv
         return 16 * tn, 8 * mt, 32 * tn * kw, gemv_smem(name, 8 * mt, kw * cpw)
     if name in WG_CONFIGS or name in WG8_CONFIGS:
         fp8 = name in WG8_CONFIGS
@@ -93,9 +97,9 @@ def dims(name):
 
 
 def gemv_smem(name, M, kcz):
-    """Shared memory of a GEMV tile for M tokens and kcz chunks per CTA: fp32 partials, then X's rows."""
-    tn, kw, mt, _ = gemv_tile(name)
-    return kw * tn * mt * 512 + M * kcz * 256
+    """Shared memory of a GEMV tile for M tokens and kcz chunks per CTA: fp32 partials, X's rows, staged weights."""
+    tn, kw, mt, cpw, stage = gemv_tile(name)
+    return kw * tn * mt * 512 + M * kcz * 256 + stage * kw * tn * cpw * 512
 
 
 # -----------------------------------------------------------------------------
@@ -117,16 +121,16 @@ TUNED = {
     (1536, 1536): {1: ('v1x4m1c3', 1), 8: ('v1x16m1c1', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64s6', 2), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x128', 1)},
     (1536, 4096): {1: ('v1x4m1c3', 1), 8: ('v2x4m1c3', 1), 16: ('v2x4m2c3', 1), 64: ('w64s6', 2), 256: ('w128', 2), 512: ('w2x128', 1), 2048: ('w2x256', 1), 8192: ('w2x128', 1)},
     (4096, 1536): {1: ('v1x8m1c4', 1), 8: ('v1x16m1c2', 1), 16: ('v1x8m2c4', 1), 64: ('w64', 8), 256: ('w128', 4), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
-    (1024, 9216): {1: ('v1x4m1c2', 1), 8: ('v3x4m1c2', 1), 16: ('v6x2m2c4', 1), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w3x128', 1), 2048: ('w3x128', 1), 8192: ('w2x128', 1)},
-    (3072, 3072): {1: ('v1x8m1c3', 1), 8: ('v2x8m1c3', 1), 16: ('v2x4m2c6', 1), 64: ('w64s6', 4), 256: ('w64', 2), 512: ('w3x128', 2), 2048: ('w3x128', 1), 8192: ('w2x128', 1)},
-    (3072, 8192): {1: ('v1x8m1c3', 1), 8: ('v4x4m1c6', 1), 16: ('v4x4m2c6', 1), 64: ('w2x64', 2), 256: ('w2x128', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w3x128', 1)},
-    (8192, 3072): {1: ('v1x8m1c4', 2), 8: ('v3x4m1c8', 2), 16: ('v3x4m2c8', 2), 64: ('w2x64', 8), 256: ('w64', 2), 512: ('w3x128', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
-    (1024, 18432): {1: ('v1x4m1c2', 1), 8: ('v3x4m1c2', 1), 16: ('w16', 1), 64: ('w64', 1), 256: ('w3x128', 1), 512: ('w3x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (1152, 1152): {1: ('v1x8m1c2', 1), 8: ('v1x8m1c2', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w3x128', 1)},
+    (1024, 9216): {1: ('v1x4m1c2s', 1), 8: ('v3x4m1c2', 1), 16: ('v6x2m2c4', 1), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w3x128', 1), 2048: ('w3x128', 1), 8192: ('w2x128', 1)},
+    (3072, 3072): {1: ('v2x8m1c3s', 1), 8: ('v2x8m1c3', 1), 16: ('v2x4m2c6', 1), 64: ('w64s6', 4), 256: ('w64', 2), 512: ('w3x128', 2), 2048: ('w3x128', 1), 8192: ('w2x128', 1)},
+    (3072, 8192): {1: ('v2x8m1c3s', 1), 8: ('v4x4m1c6s', 1), 16: ('v4x4m2c6s', 1), 64: ('w2x64', 2), 256: ('w2x128', 1), 512: ('w2x256', 1), 2048: ('w2x256', 1), 8192: ('w3x128', 1)},
+    (8192, 3072): {1: ('v2x8m1c8s', 1), 8: ('v3x4m1c8s', 2), 16: ('v3x4m2c8', 2), 64: ('w2x64', 8), 256: ('w64', 2), 512: ('w3x128', 2), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
+    (1024, 18432): {1: ('v1x4m1c2s', 1), 8: ('v3x4m1c2', 1), 16: ('w16s4', 2), 64: ('w64', 1), 256: ('w3x128', 1), 512: ('w3x128', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (1152, 1152): {1: ('v1x4m1c3', 1), 8: ('v1x8m1c2', 1), 16: ('v1x8m2c2', 1), 64: ('w64', 4), 256: ('w64', 2), 512: ('w64', 2), 2048: ('w3x128', 1), 8192: ('w3x128', 1)},
     (1536, 4608): {1: ('v1x4m1c3', 1), 8: ('v3x4m1c3', 1), 16: ('v3x4m2c3', 1), 64: ('w64', 4), 256: ('w64', 1), 512: ('w3x128', 1), 2048: ('w3x128', 1), 8192: ('w2x128', 1)},
-    (1536, 8192): {1: ('v2x4m1c3', 1), 8: ('v4x4m1c3', 1), 16: ('v4x2m2c6', 1), 64: ('w64', 2), 256: ('w2x128', 1), 512: ('w2x256', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
-    (3072, 9216): {1: ('v1x8m1c3', 1), 8: ('v3x4m1c3', 2), 16: ('v3x2m2c6', 2), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w3x128', 1), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
-    (3072, 16384): {1: ('v2x2m1c6', 2), 8: ('v4x4m1c6', 1), 16: ('w16', 2), 64: ('w2x64', 2), 256: ('w2x256', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x256', 1)},
+    (1536, 8192): {1: ('v2x4m1c3s', 1), 8: ('v4x4m1c3', 1), 16: ('v4x2m2c6', 1), 64: ('w64', 2), 256: ('w2x128', 1), 512: ('w2x256', 1), 2048: ('w2x128', 1), 8192: ('w2x128', 1)},
+    (3072, 9216): {1: ('v1x4m1c6s', 1), 8: ('v3x4m1c3s', 2), 16: ('v3x2m2c6s', 2), 64: ('w64', 2), 256: ('w3x128', 1), 512: ('w3x128', 1), 2048: ('w3x128', 1), 8192: ('w2x256', 1)},
+    (3072, 16384): {1: ('v4x4m1c6s', 1), 8: ('v4x4m1c6s', 1), 16: ('w16', 2), 64: ('w2x64', 2), 256: ('w2x256', 1), 512: ('w2x128', 1), 2048: ('w2x128', 1), 8192: ('w2x256', 1)},
 }
 WGMMA_MIN_M = 64  # from here on Hopper the wgmma kernel (the heuristic's threshold; TUNED may say otherwise)
 

@@ -96,7 +96,7 @@ def split_fits(name, cs):
 
 def gemv_fits(name, cs, M, K):
     """A GEMV tile takes the problem: M tokens, K in its warps' registers, X's rows in shared memory."""
-    tn, kw, mt, cpw = tiles.gemv_tile(name)
+    tn, kw, mt, cpw, _ = tiles.gemv_tile(name)
     kcz = -(-K // 128 // cs)
     return M <= 8 * mt and kcz <= kw * cpw and tiles.gemv_smem(name, M, kcz) <= 227 * 1024
 
@@ -156,7 +156,7 @@ def test_gemv_heuristic_takes_every_small_problem(wgmma):
                 assert gemv_fits(name, cs, M, K) and cs in ((1, 2, 4, 8) if wgmma else (1,))
             else:
                 assert name in tiles.CONFIGS and (K > 8192 or not wgmma and M * K * 2 > 200 * 1024)
-    assert tiles.gemv_tile("v2x4m1c3") == (2, 4, 1, 3)
+    assert tiles.gemv_tile("v2x4m1c3") == (2, 4, 1, 3, 0) and tiles.gemv_tile("v2x4m1c3s") == (2, 4, 1, 3, 1)
     assert tiles.gemv_tile("w64") is None and tiles.gemv_tile("v2x4m3c1") is None
 
 
@@ -346,9 +346,9 @@ def nvrtc_compile(lib, src, arch):
 
 def test_cuda_sources_compile():
     """Every wgmma tile (16-bit and fp8; one alpha or one per channel, each bias kind, with and without a cluster)
-    and the other kernels compile with NVRTC to sm_90a (mma.sync ones also to sm_80) without a GPU. The wgmma tiles
-    must not spill, and ptxas must not serialise their wgmmas (its note C7513: a register a wgmma in flight reads
-    is written; kernel.cu's two register sets exist to avoid it)."""
+    and the other kernels compile with NVRTC to sm_90a (mma.sync ones also to sm_80) without a GPU, as do bench.py's
+    floor probes. The wgmma tiles must not spill, and ptxas must not serialise their wgmmas (its note C7513: a
+    register a wgmma in flight reads is written; kernel.cu's two register sets exist to avoid it)."""
     lib = _nvrtc()
     if lib is None:
         pytest.skip("needs NVRTC (pip install nvidia-cuda-nvrtc-cu12)")
@@ -357,7 +357,8 @@ def test_cuda_sources_compile():
             for name in names for v in variants]
     jobs += [("TMM", name, 1, True, 0, False, "sm_80") for name in tiles.CONFIGS]
     jobs += [("TMM", "l128", 2, False, 1, True, "sm_90a"), ("TMV", "v1x8m1c3", 1, True, 1, False, "sm_80"),
-             ("TMV", "v4x4m2c6", 2, False, 0, True, "sm_90a")]
+             ("TMV", "v4x4m2c6", 2, False, 0, True, "sm_90a"), ("TMV", "v2x8m1c3s", 1, True, 1, False, "sm_80"),
+             ("TMV", "v3x4m2c8s", 2, True, 0, True, "sm_90a")]
     unreported = []  # configurations whose log has no ptxas report (seen on a GPU machine: an empty log)
     for kind, name, cs, bf16, bias, avec, arch in jobs:
         ok, log = nvrtc_compile(lib, kernel._source(kind, name, cs, bf16, bias, avec), arch)
@@ -372,6 +373,9 @@ def test_cuda_sources_compile():
     for kind, bf16 in (("QUANT8", True), ("QUANT8", False), ("DEQUANT", True)):
         ok, log = nvrtc_compile(lib, kernel._source(kind, bf16=bf16), "sm_90a")
         assert ok, f"{kind}: {log[:2000]}"
+    import bench  # and the probes of `bench.py --what floors`
+    ok, log = nvrtc_compile(lib, bench.FLOOR_SRC, "sm_80")
+    assert ok, f"bench.FLOOR_SRC: {log[:2000]}"
     n_wg = sum(kind.startswith("WGMM") for kind, *_ in jobs)
     assert len(unreported) in (0, n_wg), f"ptxas reported on some wgmma configurations but not on {unreported}"
     if unreported:
@@ -473,8 +477,9 @@ def test_every_config_poisoned():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_every_tile_poisoned(dtype):
     """The GEMV kernel (M <= 16): tiles of 1-8 n16-tiles x 2-16 warps, 8 or 16 tokens, K split over 1/2/4 CTAs
-    (on Hopper), with and without bias, one alpha or one per channel, awkward M, N, K, straight through _launch
-    into NaN-filled outputs."""
+    (on Hopper), weights in registers or staged through shared memory, with and without bias, one alpha or one per
+    channel, awkward M, N, K (warps with fewer chunks than they hold, or none), straight through _launch into
+    NaN-filled outputs."""
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(11)
     splits = (1, 2, 4) if kernel._gpu(torch.cuda.current_device()).wgmma else (1,)
@@ -487,7 +492,7 @@ def test_gemv_every_tile_poisoned(dtype):
                                              (9, 2, 8, 1), (13, 1, 4, 2), (16, 4, 4, 1), (16, 1, 2, 4), (3, 3, 4, 2),
                                              (16, 6, 2, 4), (12, 8, 2, 2), (16, 2, 8, 4)]):
             alpha = torch.rand(N if i % 2 else 1, device="cuda", generator=gen) + 0.1
-            name = f"v{tn}x{kw}m{1 if M <= 8 else 2}c{math.ceil(math.ceil(kc / cs) / kw)}"
+            name = f"v{tn}x{kw}m{1 if M <= 8 else 2}c{math.ceil(math.ceil(kc / cs) / kw)}" + "s" * (i % 3 != 1)
             if cs not in splits or -(-kc // cs) < cs or not gemv_fits(name, cs, M, K):
                 continue
             x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
