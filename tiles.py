@@ -181,7 +181,7 @@ def pick8(M, N, K, sms=132):
 
 
 def _gemv(M, K, clusters):
-    """Untuned GEMV tile for M <= 16: one n16-tile x 8 warps per CTA (the most common winner of the sweep), K split
+    """Untuned GEMV tile for M <= 16: one n16-tile x 8 warps per CTA (a frequent winner of the sweep), K split
     over a cluster while X's rows would take more than 96 KB of shared memory; None when K is too long for it."""
     kc, cs = -(-K // 128), 1
     while clusters and cs < 8 and M * -(-kc // cs) * 256 > 96 * 1024:
