@@ -240,7 +240,10 @@ tmv(const uint4* __restrict__ W, const uint4* __restrict__ X, const float* __res
   // shared memory: red[KW][TN][MT][4][32] fp32 partials | X[m][chunk][16 pieces], piece ^= m % 8 (as in tmm) |
   // STAGE: ws[KW * TN][CPW][32] a lane's 16 bytes of each of its warp's chunks
   float* red = (float*)smem;
-  const u32 xs = sptr(smem + KW * TN * MT * 32), ws = xs + (M * KCZ * 16 + (warp * CPW * 32 + lane)) * 16;
+  const u32 xs = sptr(smem + KW * TN * MT * 32);
+#if STAGE
+  const u32 ws = xs + (M * KCZ * 16 + (warp * CPW * 32 + lane)) * 16;
+#endif
   auto copy_x = [&] {
 #pragma unroll 1
     for (int m = 0; m < M; m++)
