@@ -1,30 +1,38 @@
 """
-Benchmarks: the fused ternary kernel (kernel.py) against cuBLAS bf16 F.linear on the same ternary values.
+Benchmarks of the ternary matmul kernels, the packed model end to end, loading a packed file, and train.py's step.
+The kernels (fast/, and kernel.py's readable one) are timed against cuBLAS bf16 F.linear on the same ternary values.
 
-    python bench.py --what kernels --out bench_results/kernels_h100.md
-    python bench.py --what train --out bench_results/train_h200.md   # train.py's step: MFU, memory, compile
-    python bench.py --what kernels --sweep     # first time every candidate tile config / cluster split per row,
-                                               # use the fastest, print the table to paste as tiles.TUNED
-    python bench.py --what kernels --act fp8 --sweep --m 64,256,512,2048,8192   # fp8 activations: tiles.TUNED8
+    python bench.py --what kernels --out bench_results/kernels_h100.md   # per layer: fast, readable, cuBLAS
+    python bench.py --what kernels --sweep     # first time every candidate tile / cluster split per row, use the
+                                               # fastest, and write them to fast/tuned/<GPU name>.json
+    python bench.py --what kernels --act fp8 --sweep --m 64,256,512,2048,8192   # the same for fp8 activations
     python bench.py --what floors --out bench_results/floors_h200.md   # empty launches, L2 -> smem, plain reads
+    python bench.py --what model --out bench_results/model_h200.md     # sampling, packed vs bf16
+    python bench.py --what load --out bench_results/load_h200.md       # deploy.load_packed of a random 4.2B file
+    python bench.py --what train --out bench_results/train_h200.md     # train.py's step: MFU, memory, compile
 
-How it times (see /work/.library/device/METHOD.md): every number is the median over --reps replays of a
-CUDA graph holding many calls, timed with CUDA events, so launch gaps from Python are gone. Consecutive
-calls rotate through enough distinct copies of the weights (--cold-mb, default 120 MB) that nothing is
-served from the 50 MB L2 -- as in a real forward pass, where every layer's weights are new. Data is random
-(never zeros). TB/s counts the bytes each call must move (packed weights + X + Y); TFLOP/s = 2*M*K*N/t.
+How it times: every kernel number is the median over --reps replays of a CUDA graph holding many calls, timed with
+CUDA events, so launch gaps from Python are gone. Consecutive calls rotate through enough distinct copies of the
+weights (--cold-mb, default 120 MB) that nothing is served from the L2 cache (50-60 MB on an H100/H200) -- as in a
+real forward pass, where every layer's weights are new. Data is random (never zeros). TB/s counts the bytes each
+call must move (2-bit weights + X + Y); TFLOP/s = 2*M*K*N/t. Every output (.md and .json) records when, at which
+commit, by which command and on which GPU it was measured.
 """
 import argparse
 import contextlib
+import datetime
 import gc
 import itertools
 import json
 import math
 import os
+import shlex
 import statistics
-
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 import torch._inductor.config as inductor_config
@@ -32,17 +40,20 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
+import cli
+import deploy
+import fast
 import kernel
-import tiles
-from diffusion import Diffusion
-from model import SIZES, RMSNorm, TerDiT, TerDiTConfig
+import pack
 import quant
-from pack import PackedTernaryLinear, fuse, set_act
+from diffusion import Diffusion
+from fast import tiles
+from model import SIZES, RMSNorm, TerDiT, TerDiTConfig
 from quant import TernaryLinear
-from sample import CUDAGraphed, inference_context
+from sample import CUDAGraphed, generate, inference_context
 
 # (model, layer, K, N): the token-wise linears of TerDiT-600M / 4.2B and DiT-XL, the adaLN GEMVs, and the packed
-# model's fused matmuls (pack.FusedLinears: wq, wk, wv and w1, w3 stacked along N)
+# model's fused matmuls (deploy.FusedLinears: wq, wk, wv and w1, w3 stacked along N)
 SHAPES = [
     ("600M", "qkv-proj", 1536, 1536), ("600M", "mlp-up", 1536, 4096), ("600M", "mlp-down", 4096, 1536),
     ("600M", "adaLN", 1024, 9216), ("600M", "wq+wk+wv", 1536, 4608), ("600M", "w1+w3", 1536, 8192),
@@ -51,6 +62,17 @@ SHAPES = [
     ("DiT-XL", "attn", 1152, 1152),
 ]
 MS = [1, 2, 8, 16, 64, 256, 512, 2048, 8192]
+
+
+def provenance(argv):
+    """When, at which commit, by which command and on which GPU a result was measured."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("GIT_COMMIT", "unknown")
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit,
+                command=shlex.join(["python", "bench.py", *argv]), gpu=torch.cuda.get_device_name())
 
 
 def time_graph(fn, n_calls, reps):
@@ -76,6 +98,9 @@ def time_graph(fn, n_calls, reps):
         times.append(start.elapsed_time(end) * 1e3 / n_calls)
     del g
     return statistics.median(times)
+
+# -----------------------------------------------------------------------------
+# the kernels, layer by layer
 
 
 def gemv_candidates(M, N, K):
@@ -113,79 +138,95 @@ def candidates8(M, K):
             and tiles.WG8_CONFIGS[n][1] <= max(64, 2 * M)]
 
 
+def sweep_row(x, P, alpha, N, K, ref, fp8, n, reps, log):
+    """Time every candidate tile on one row (P: cold copies of the tiled codes): the fastest correct one, or None."""
+    wgmma, best = fast.gpu(x.device.index).wgmma, None
+    for name, cs in candidates8(x.shape[0], K) if fp8 else candidates(x.shape[0], N, K, wgmma):
+        yc = kernel.ternary_matmul(x, P[0], alpha, N, K, fp8=fp8, tiled=True, config=(name, cs))
+        e = ((yc.float() - ref).norm() / ref.norm()).item()
+        t = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, fp8=fp8, tiled=True,
+                                                       config=(name, cs)), n, reps)
+        log.append(dict(K=K, N=N, M=x.shape[0], config=f"{name}/cs{cs}", us=t, rel_err=e))
+        print(f"    sweep {name:5s} cs{cs}: {t:8.2f} us  err {e:.1e}", flush=True)
+        if e >= 1e-2:
+            print(f"    WRONG: config {name}/cs{cs} at M={x.shape[0]} K={K} N={N}: rel err {e}")
+        elif best is None or t < best[0]:
+            best = (t, (name, cs))
+    return best and best[1]
+
+
 def bench_kernels(args):
+    """(rows, sweep log, the sweep's choices {(K, N): {M: (tile, CS)}}): per layer shape and M, the fast kernels as
+    the model calls them (tiled codes; the choice of tile as the dispatch makes it, or --sweep's), cuBLAS bf16, and
+    up to M = --readable-m the readable kernel of kernel.py (row-major codes)."""
     dev = torch.device("cuda")
     fp8 = args.act == "fp8"  # the ternary x fp8 path: quant8 + wgmm8 timed together (and quant8 alone)
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device=dev).manual_seed(0)
-    Ms = [int(m) for m in args.m.split(",")]
-    rows, sweep = [], []
-    sms, wgmma, _ = kernel._gpu(dev.index or 0)
+    rows, log, found = [], [], {}
     for model, layer, K, N in SHAPES:
-        if fp8 and layer == "adaLN":  # the model never runs adaLN with fp8 activations (pack.set_act)
+        if fp8 and layer == "adaLN":  # the model never runs adaLN with fp8 activations (deploy.set_act)
             continue
         w = (torch.randint(0, 3, (N, K), device=dev, generator=gen) - 1).to(torch.int8)
         alpha = torch.rand(1, device=dev, generator=gen) + 0.5
-        packed = kernel.pack_2bit(w)
+        codes = kernel.pack_2bit(w)
         wb = (alpha * w.float()).bfloat16()  # cuBLAS gets the same ternary values, dequantised to bf16
         # distinct copies, so that each call of a graph reads weights that are not in L2
-        P = [packed.clone() for _ in range(math.ceil(args.cold_mb * 1e6 / packed.numel()))]
+        P = [fast.tile_codes(codes, N, K) for _ in range(math.ceil(args.cold_mb * 1e6 / codes.numel()))]
+        R = [codes.clone() for _ in P] if not fp8 and min(args.m) <= args.readable_m else []
         Wb = [wb.clone() for _ in range(max(2, math.ceil(args.cold_mb * 1e6 / (2 * wb.numel()))))]
-        for M in Ms:
+        for M in args.m:
             x = torch.randn(M, K, device=dev, generator=gen).bfloat16()
             # fp8: against the same e4m3 codes summed in float32 (the quantisation's own error is evaluate.py's)
-            ref = kernel.ternary_matmul_ref(x.float(), packed, alpha, N, K, fp8=True) if fp8 else F.linear(x.float(), wb.float())
-            flops, nbytes = 2 * M * K * N, packed.numel() + 2 * M * K + 2 * M * N
+            ref = kernel.ternary_matmul_ref(x.float(), codes, alpha, N, K, fp8=True) if fp8 else F.linear(x.float(), wb.float())
+            flops, nbytes = 2 * M * K * N, codes.numel() + 2 * M * K + 2 * M * N
             est = max(2.0, flops / 300e12 * 1e6, nbytes / 2e12 * 1e6)  # rough us per call, to size the graph
             n = int(min(200, max(10, args.graph_us / est)))
-            if args.sweep and M != 2:  # time every candidate config; the fastest goes into tiles.TUNED(8)
-                best = None
-                for name, cs in candidates8(M, K) if fp8 else candidates(M, N, K, wgmma):
-                    yc = kernel.ternary_matmul(x, packed, alpha, N, K, config=(name, cs), fp8=fp8)
-                    e = ((yc.float() - ref).norm() / ref.norm()).item()
-                    t = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, config=(name, cs),
-                                                                   fp8=fp8), n, max(5, args.reps // 2))
-                    sweep.append(dict(K=K, N=N, M=M, config=f"{name}/cs{cs}", us=t, rel_err=e))
-                    print(f"    sweep {name:5s} cs{cs}: {t:8.2f} us  err {e:.1e}", flush=True)
-                    if e >= 1e-2:
-                        print(f"    WRONG: config {name}/cs{cs} at M={M} K={K} N={N}: rel err {e}")
-                    elif best is None or t < best[0]:
-                        best = (t, (name, cs))
-                if best:
-                    (tiles.TUNED8 if fp8 else tiles.TUNED).setdefault((K, N), {})[M] = best[1]
-            y = kernel.ternary_matmul(x, packed, alpha, N, K, fp8=fp8)
+            config = None
+            if args.sweep and M != 2:  # time every candidate; the fastest goes into fast/tuned/<GPU>.json
+                config = sweep_row(x, P, alpha, N, K, ref, fp8, n, max(5, args.reps // 2), log)
+                if config:
+                    found.setdefault((K, N), {})[M] = config
+            run = lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, fp8=fp8, tiled=True, config=config)
+            y = run(0)
             err = ((y.float() - ref).norm() / ref.norm()).item()
-            tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, fp8=fp8), n, args.reps)
-            chosen = tiles.pick8(M, N, K, sms) if fp8 else tiles.pick(M, N, K, sms, wgmma)  # the dispatch's choice
-            tc = time_graph(lambda i: F.linear(x, Wb[i % len(Wb)]), n, args.reps)
+            tk, tc = time_graph(run, n, args.reps), time_graph(lambda i: F.linear(x, Wb[i % len(Wb)]), n, args.reps)
+            chosen = config or fast.choose(M, N, K, dev.index or 0, fp8)  # the dispatch's choice
             r = dict(model=model, layer=layer, K=K, N=N, M=M, kernel_us=tk, cublas_us=tc, speedup=tc / tk,
                      TBps=nbytes / tk / 1e6, TFLOPs=flops / tk / 1e6, cublas_TFLOPs=flops / tc / 1e6,
                      rel_err=err, config="dequant+cuBLAS" if chosen[0] == "dequant" else "%s/cs%d" % chosen)
+            if R and M <= args.readable_m:  # the readable kernel: few calls, it is slow
+                simple = lambda i: kernel.ternary_matmul(x, R[i % len(R)], alpha, N, K)
+                r["readable_err"] = ((simple(0).float() - ref).norm() / ref.norm()).item()
+                r["readable_us"] = time_graph(simple, 10, 5)
             if fp8:  # the share of quant8 in that time
-                Mp = -(-M // kernel.FP8_ROWS) * kernel.FP8_ROWS
-                r["quant_us"] = time_graph(lambda i: kernel.quantize_fp8(x, Mp), n, args.reps)
+                Mp = -(-M // fast.FP8_ROWS) * fast.FP8_ROWS
+                xp = F.pad(x, (0, fast.padded(N, K)[1] - K))
+                r["quant_us"] = time_graph(lambda i: fast.quantize_fp8(xp, Mp), n, args.reps)
                 r["config"] += f" (quant8 {r['quant_us']:.1f} us)"
             rows.append(r)
-            print("| %-6s %-8s | %5d x %5d | %5d | %8.2f | %8.2f | %5.2fx | %5.2f | %6.1f | %s | err %.1e" % (
-                model, layer, K, N, M, tk, tc, tc / tk, r["TBps"], r["TFLOPs"], r["config"], err), flush=True)
-            assert err < 1e-2, f"kernel wrong at M={M} K={K} N={N}: rel err {err}"
-        del P, Wb
+            print("| %-6s %-8s | %5d x %5d | %5d | %8.2f | %8.2f | %5.2fx | %5.2f | %6.1f | %s | err %.1e%s" % (
+                model, layer, K, N, M, tk, tc, tc / tk, r["TBps"], r["TFLOPs"], r["config"], err,
+                f" | readable {r['readable_us']:.1f} us" if "readable_us" in r else ""), flush=True)
+            assert err < 1e-2 and r.get("readable_err", 0) < 1e-2, f"kernel wrong at M={M} K={K} N={N}: {r}"
+        del P, R, Wb
         torch.cuda.empty_cache()
-    return rows, sweep
+    return rows, log, found
 
 
 def markdown(rows, title):
     out = [f"## {title}", "", "| model | layer | K | N | M | ternary us | cuBLAS us | speed-up | TB/s "
-           "| TFLOP/s | cuBLAS TFLOP/s | path |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| TFLOP/s | cuBLAS TFLOP/s | path | readable kernel us |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        readable = f"{r['readable_us']:.1f}" if "readable_us" in r else ""
         out.append("| {model} | {layer} | {K} | {N} | {M} | {kernel_us:.2f} | {cublas_us:.2f} | {speedup:.2f}x | "
-                   "{TBps:.2f} | {TFLOPs:.1f} | {cublas_TFLOPs:.1f} | {config} |".format(**r))
+                   "{TBps:.2f} | {TFLOPs:.1f} | {cublas_TFLOPs:.1f} | {config} | ".format(**r) + readable + " |")
     return "\n".join(out) + "\n"
 
 
 # -----------------------------------------------------------------------------
 # the floors under the small-M kernels: how long a launch of nothing takes in a graph, how fast an SM pulls the same
-# L2-resident bytes into shared memory (what the GEMV does with X's rows), and a plain read of a layer's packed codes
+# L2-resident bytes into shared memory (what the GEMV does with X's rows), and a plain read of a layer's codes
 
 FLOOR_SRC = r"""
 extern "C" __global__ void __launch_bounds__(256) ingest(const uint4* __restrict__ X, int n16, int distinct,
@@ -215,16 +256,16 @@ extern "C" __global__ void __launch_bounds__(256) readw(const uint4* __restrict_
 
 def bench_floors(args):
     """(rows, markdown): graph-timed launches of the ingest and readw probes (FLOOR_SRC) and, beside them, the
-    ternary kernel at M = 1 on the same layers (cold weights as in --what kernels)."""
-    dev, gen = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0)
-    mod = kernel.cp.RawModule(code=FLOOR_SRC)
+    fast kernels at M = 1 on the same layers (cold weights as in --what kernels)."""
+    cp = fast.launch.cp
+    dev, gen = torch.device("cuda", torch.cuda.current_device()), torch.Generator(device="cuda").manual_seed(0)
+    mod = cp.RawModule(code=FLOOR_SRC)
     ingest, readw = mod.get_function("ingest"), mod.get_function("readw")
     ingest.max_dynamic_shared_size_bytes = 96 * 1024
-    sms = kernel._gpu(0).sms
+    sms = fast.gpu(dev.index).sms
     X = torch.randn(sms * 96 * 1024 // 4, device=dev, generator=gen)  # 96 KB per SM, stays in L2
     out = torch.empty(4 * sms, device=dev)
-    stream = lambda: kernel._stream(torch.cuda.current_stream().cuda_stream, 0)
-    u64, i32 = kernel.cp.uint64, kernel.cp.int32
+    u64, i32 = cp.uint64, cp.int32
     rows, md = [], ["## Floors: launches, L2 -> shared memory, plain reads of the codes", "",
                     "| probe | CTAs | KB per CTA | us per launch |", "|---|---|---|---|"]
     for kb, distinct in ((0, 0), (24, 0), (48, 0), (96, 0), (96, 1)):
@@ -232,25 +273,25 @@ def bench_floors(args):
             if distinct and g > sms:
                 continue
             t = time_graph(lambda i: ingest((g,), (256,), (u64(X.data_ptr()), i32(kb * 64), i32(distinct),
-                                                           u64(out.data_ptr())), shared_mem=kb * 1024, stream=stream()),
-                           200, args.reps)
+                                                           u64(out.data_ptr())), shared_mem=kb * 1024,
+                                            stream=fast.launch.stream(dev)), 200, args.reps)
             probe = "empty launch" if kb == 0 else "ingest, " + ("each CTA its own bytes" if distinct else "same bytes")
             rows.append(dict(probe=probe, ctas=g, kb=kb, us=t))
             md.append(f"| {probe} | {g} | {kb} | {t:.2f} |")
-    md += ["", "| layer | K | N | packed MB | plain read us | ternary M=1 us | ternary / read |",
+    md += ["", "| layer | K | N | 2-bit MB | plain read us | ternary M=1 us | ternary / read |",
            "|---|---|---|---|---|---|---|"]
     for model, layer, K, N in SHAPES:
         w = (torch.randint(0, 3, (N, K), device=dev, generator=gen) - 1).to(torch.int8)
-        packed, alpha = kernel.pack_2bit(w), torch.rand(1, device=dev, generator=gen) + 0.5
-        P = [packed.clone() for _ in range(math.ceil(args.cold_mb * 1e6 / packed.numel()))]
+        codes, alpha = fast.tile_codes(kernel.pack_2bit(w), N, K), torch.rand(1, device=dev, generator=gen) + 0.5
+        P = [codes.clone() for _ in range(math.ceil(args.cold_mb * 1e6 / codes.numel()))]
         x = torch.randn(1, K, device=dev, generator=gen).bfloat16()
-        n16 = packed.numel() // 16
+        n16 = codes.numel() // 16
         tr = time_graph(lambda i: readw((-(-n16 // 1024),), (256,), (u64(P[i % len(P)].data_ptr()), i32(n16),
-                                                                    u64(out.data_ptr())), stream=stream()),
-                        200, args.reps)
-        tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K), 200, args.reps)
-        rows.append(dict(model=model, layer=layer, K=K, N=N, mb=packed.numel() / 1e6, read_us=tr, kernel_us=tk))
-        md.append(f"| {model} {layer} | {K} | {N} | {packed.numel() / 1e6:.2f} | {tr:.2f} | {tk:.2f} | {tk / tr:.2f} |")
+                                                                    u64(out.data_ptr())),
+                                        stream=fast.launch.stream(dev)), 200, args.reps)
+        tk = time_graph(lambda i: kernel.ternary_matmul(x, P[i % len(P)], alpha, N, K, tiled=True), 200, args.reps)
+        rows.append(dict(model=model, layer=layer, K=K, N=N, mb=codes.numel() / 1e6, read_us=tr, kernel_us=tk))
+        md.append(f"| {model} {layer} | {K} | {N} | {codes.numel() / 1e6:.2f} | {tr:.2f} | {tk:.2f} | {tk / tr:.2f} |")
         del P
     return rows, "\n".join(md) + "\n"
 
@@ -259,11 +300,11 @@ def bench_floors(args):
 # end to end: one denoising step and a 250-step CFG sample, packed 2-bit model vs bf16 model, each eager and
 # compiled (regional torch.compile, default mode), each step one CUDA-graph replay
 
-def random_pair(size, dev, gen):
-    """The same random ternary TerDiT (ImageNet-256 config: 32x32x4 latents, 1000 classes) twice: as a packed
-    model (PackedTernaryLinear, fused kernel) and as a plain bf16 model whose linears hold alpha * trits. Both
-    run in bf16 without autocast: the packed one is the lean model sample.py runs on a GPU
-    (pack.load_packed(..., dtype=torch.bfloat16): bf16 tensors, float32 α, model.lean() true inside)."""
+def random_pair(size, dev, gen, kernel_name=None):
+    """The same random ternary TerDiT (ImageNet-256 config: 32x32x4 latents, 1000 classes) twice, both bf16 without
+    autocast as sample.py runs them on a GPU: as the deployed model (deploy.PackedTernaryLinear given the codes,
+    then deploy.finish: the codes prepared for the kernel named (None: TERDIT_KERNEL), fused) and as a plain bf16
+    model whose linears hold alpha * trits, specialised for bf16 inference the same way (deploy.specialise)."""
     cfg = TerDiTConfig(**SIZES[size], in_channels=4, num_classes=1000)
     bf = TerDiT(replace(cfg, ternary=False), device="meta").to_empty(device=dev)
     ternary = {}
@@ -278,11 +319,11 @@ def random_pair(size, dev, gen):
                 alpha = torch.full((1,), m.in_features ** -0.5, device=dev)
                 m.weight.copy_(alpha * trits)
                 ternary[name] = (kernel.pack_2bit(trits), alpha)
-        bf = bf.to(torch.bfloat16).eval()
+        bf = deploy.specialise(bf.to(torch.bfloat16)).eval()
         packed = TerDiT(cfg, device="meta")
         for name, (codes, alpha) in ternary.items():
             src = bf.get_submodule(name)
-            layer = PackedTernaryLinear(src.in_features, src.out_features, src.bias is not None, codes.shape, device=dev)
+            layer = deploy.PackedTernaryLinear(src.in_features, src.out_features, src.bias is not None, device=dev)
             layer.packed.copy_(codes)
             layer.alphas.copy_(alpha)
             if src.bias is not None:
@@ -290,9 +331,9 @@ def random_pair(size, dev, gen):
             packed.set_submodule(name, layer)
         rest = {k: v for k, v in bf.state_dict().items() if k.rsplit(".", 1)[0] not in ternary}
         packed.load_state_dict(rest, strict=False, assign=True)
-    lean = {n: t.dtype for n, t in packed.state_dict().items() if not n.endswith((".packed", ".alphas"))}
-    assert set(lean.values()) == {torch.bfloat16}, "the packed row must be the lean bf16 model"
-    return fuse(packed.eval()), bf
+    dtypes = {t.dtype for n, t in packed.state_dict().items() if not n.endswith((".packed", ".alphas"))}
+    assert dtypes == {torch.bfloat16}, "the packed row must be the bf16 inference model"
+    return deploy.finish(packed, kernel_name), bf
 
 
 def nbytes(model):
@@ -303,16 +344,16 @@ def nbytes(model):
 
 def ternary_kernel_ms(events):
     """(GPU ms of all kernels, of those inside the ternary matmuls) over profiler events. Inside = launched under
-    the op terdit::ternary_matmul: the fused `tmm`, `wgmm` or `quant8` + `wgmm8` kernels, or `dequant` and its cuBLAS
-    gemm. If the profiler did not tie the kernels to the op, falls back to kernel names (the dequant path's gemm then
-    counts as outside)."""
+    the op terdit::ternary_matmul: the fast `tmv`, `tmm`, `wgmm` or `quant8` + `wgmm8` kernels, `dequant` and its
+    cuBLAS gemm, or the readable `ternary_matmul`. If the profiler did not tie the kernels to the op, falls back to
+    kernel names (the dequant path's gemm then counts as outside)."""
     events = list(events)
     total = sum(e.device_time_total for e in events if e.device_type == DeviceType.CUDA)
     ops = [e for e in events if e.device_type == DeviceType.CPU and e.name == "terdit::ternary_matmul"
            and not (e.cpu_parent and e.cpu_parent.name == e.name)]
     inside = sum(e.device_time_total for e in ops)
     if inside == 0:
-        names = ("tmm", "wgmm", "quant8", "wgmm8", "dequant")
+        names = ("tmv", "tmm", "wgmm", "quant8", "wgmm8", "dequant", "ternary_matmul")
         print(f"    (profiler: no kernels tied to terdit::ternary_matmul; counting {'/'.join(names)} by name)")
         inside = sum(e.device_time_total for e in events if e.device_type == DeviceType.CUDA and e.name in names)
     return total / 1e3, inside / 1e3
@@ -346,8 +387,7 @@ def bench_one_model(model, steps, batch, packed, reps=20):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with inference_context(model):  # nothing: both models are bf16 (the sampler's float32 x is cast at the embedder)
-        Diffusion().sample(runner, y, (4, 32, 32), cfg_scale=4.0, num_steps=steps, method="ddpm", clip_denoised=False,
-                           generator=torch.Generator(device="cuda").manual_seed(0))
+        generate(model, y, 4.0, steps, "ddpm", torch.Generator(device="cuda").manual_seed(0), runner)
     torch.cuda.synchronize()
     r = dict(step_ms=statistics.median(times), first_s=first, sample_s=time.perf_counter() - t0,
              peak_GiB=torch.cuda.max_memory_allocated() / 2**30)
@@ -366,11 +406,10 @@ def bench_variants(model, name, packed, args):
     """Rows for one model: eager at every batch size, then compiled (regional, default mode) at every batch size.
     Dynamo's caches are reset before each compiled row, so its first call is a cold compile of static shapes."""
     rows = []
-    batches = [int(b) for b in args.batches.split(",")]
     for compiled in (False, True):
         if compiled:
             model.compile_blocks()
-        for batch in batches:
+        for batch in args.batches:
             torch._dynamo.reset()
             with torch.no_grad():
                 r = dict(model=f"{name} {'compiled' if compiled else 'eager'}", batch=batch,
@@ -404,10 +443,10 @@ def model_tables(rows, sizes, steps, act):
 def bench_model(args):
     inductor_config.fx_graph_cache = False  # every compile cold, as a user's first run
     dev, rows, sizes = torch.device("cuda"), [], []
-    for size in args.sizes.split(","):
+    for size in args.sizes:
         gen = torch.Generator(device=dev).manual_seed(0)
         packed, bf = random_pair(size, dev, gen)
-        set_act(packed, args.act)
+        deploy.set_act(packed, args.act)
         x = torch.randn(2, 4, 32, 32, device=dev, dtype=torch.bfloat16, generator=gen)
         t, y = torch.tensor([500, 500], device=dev), torch.tensor([3, 1000], device=dev)
         with torch.no_grad():
@@ -424,6 +463,51 @@ def bench_model(args):
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     return dict(rows=rows, sizes=sizes), model_tables(rows, sizes, args.steps, args.act)
+
+
+# -----------------------------------------------------------------------------
+# loading: deploy.load_packed of a packed file onto the GPU, as sample.py loads one (bf16)
+
+def random_packed_file(size, path, gen):
+    """Write a pack.py file (2-bit) of a random TerDiT of a size: random trits, α and bf16 tensors (never zeros)."""
+    cfg = TerDiTConfig(**SIZES[size], in_channels=4, num_classes=1000)
+    net = TerDiT(cfg, device="meta")
+    ternary = {f"{name}.weight" for name, _ in pack.ternary_layers(net)}
+    encoded = []
+    for key, t in net.state_dict().items():
+        if key in ternary:
+            trits = (torch.randint(0, 3, t.shape, device=gen.device, generator=gen) - 1).to(torch.int8).cpu()
+            encoded.append((key[: -len("weight")] + "packed", "trits", list(t.shape), trits))
+        elif key.endswith(".alphas"):
+            encoded.append((key, "float32", list(t.shape), torch.rand(t.shape, device=gen.device, generator=gen).cpu() + 0.5))
+        else:
+            encoded.append((key, "bfloat16", list(t.shape),
+                            torch.randn(t.shape, device=gen.device, generator=gen).to(torch.bfloat16).cpu()))
+    return pack.write_packed(path, asdict(cfg), 0, encoded, 4)
+
+
+def bench_load(args):
+    """(row, markdown): seconds deploy.load_packed(path, "cuda", torch.bfloat16) takes for a random packed file of
+    --load-size, median of 3 after one warm-up, the file in a temporary folder (the OS's page cache warm)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "random.tdit")
+        t0 = time.perf_counter()
+        nbytes_file = random_packed_file(args.load_size, path, torch.Generator(device="cuda").manual_seed(0))
+        print(f"wrote a random {args.load_size} file of {nbytes_file / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s")
+        times = []
+        for _ in range(4):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            net = deploy.load_packed(path, "cuda", torch.bfloat16)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            del net
+            torch.cuda.empty_cache()
+    row = dict(size=args.load_size, file_MB=nbytes_file / 1e6, load_s=statistics.median(times[1:]), all_s=times)
+    md = ["## Loading a packed file: deploy.load_packed(path, 'cuda', torch.bfloat16), random weights", "",
+          "| size | file MB | load s (median of 3, after a warm-up) | every run s |", "|---|---|---|---|",
+          f"| {row['size']} | {row['file_MB']:.0f} | {row['load_s']:.2f} | {', '.join(f'{t:.2f}' for t in times)} |"]
+    return row, "\n".join(md) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -563,57 +647,83 @@ def bench_train(args):
     return rows, "\n".join(md) + "\n"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("--what", default="kernels", choices=["kernels", "floors", "model", "train", "all"],
-                   help="kernels: per-layer vs cuBLAS; model: end-to-end sampling; train: QAT step time")
-    p.add_argument("--sizes", default="600M,4.2B", help="model sizes for --what model")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps for --what model")
-    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (images, before CFG) for --what model")
+def comma_list(cast, what):
+    """argparse type: a comma-separated list of values, each checked by cli.number or a choice."""
+    def parse(text):
+        return [cast(v) for v in text.split(",")]
+    parse.__name__ = what
+    return parse
+
+
+def size_name(text):
+    if text not in SIZES:
+        raise argparse.ArgumentTypeError(f"unknown size {text!r}: choose from {', '.join(SIZES)}")
+    return text
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--what", default="kernels", choices=["kernels", "floors", "model", "load", "train", "all"],
+                   help="kernels: per layer vs cuBLAS; floors: launch and copy floors; model: end-to-end sampling; "
+                        "load: load_packed of a random file; train: QAT step time")
+    positive = cli.number(int, 1, what="a positive integer")
+    p.add_argument("--sizes", type=comma_list(size_name, "sizes"), default="600M,4.2B", help="model sizes for --what model")
+    p.add_argument("--load-size", type=size_name, default="4.2B", help="model size of the random file of --what load")
+    p.add_argument("--steps", type=positive, default=250, help="sampling steps for --what model")
+    p.add_argument("--batches", type=comma_list(positive, "batches"), default="1,8",
+                   help="comma-separated batch sizes (images, before CFG) for --what model")
     p.add_argument("--train-runs", default=",".join(TRAIN_RUNS), help="size:batch[:compiled] runs for --what train")
-    p.add_argument("--train-steps", type=int, default=15, help="timed steps per training run (median taken)")
+    p.add_argument("--train-steps", type=positive, default=15, help="timed steps per training run (median taken)")
     p.add_argument("--out", default="bench_results/kernels.md", help="markdown output (a .json beside it)")
-    p.add_argument("--m", default=",".join(map(str, MS)), help="comma-separated token counts M")
-    p.add_argument("--reps", type=int, default=15, help="graph replays per timing (median taken)")
-    p.add_argument("--graph-us", type=float, default=1500.0, help="approximate GPU time of one graph replay")
-    p.add_argument("--cold-mb", type=float, default=120.0, help="MB of distinct weights rotated per shape")
-    p.add_argument("--sweep", action="store_true", help="also time every candidate tile config")
+    p.add_argument("--m", type=comma_list(positive, "token counts"), default=",".join(map(str, MS)),
+                   help="comma-separated token counts M for --what kernels")
+    p.add_argument("--readable-m", type=cli.number(int, 0, what="an integer >= 0"), default=16,
+                   help="--what kernels times kernel.py's readable kernel too, up to this M (0: never)")
+    p.add_argument("--reps", type=positive, default=15, help="graph replays per timing (median taken)")
+    p.add_argument("--graph-us", type=cli.number(float, 1, what="a number >= 1"), default=1500.0,
+                   help="approximate GPU time of one graph replay")
+    p.add_argument("--cold-mb", type=cli.number(float, 1, what="a number >= 1"), default=120.0,
+                   help="MB of distinct weights rotated per shape")
+    p.add_argument("--sweep", action="store_true",
+                   help="--what kernels: also time every candidate tile; the fastest go to fast/tuned/<GPU>.json")
     p.add_argument("--act", default="bf16", choices=["bf16", "fp8"],
                    help="activations of the ternary matmuls (--what kernels, and the packed model of --what "
                         "model): bf16, or fp8 (e4m3 per token, Hopper)")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: bench.py times GPU kernels and needs CUDA (and cupy for the fused kernel)")
-    gpu = torch.cuda.get_device_name()
-    print(f"device: {gpu}, torch {torch.__version__}, cupy {getattr(kernel.cp, '__version__', None)}")
-    md, results = f"# Benchmarks on {gpu}\n\n", {"device": gpu}
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not torch.cuda.is_available() or fast.launch.cp is None:
+        raise SystemExit("error: bench.py times GPU kernels and needs CUDA and cupy")
+    cli.check_output(args.out)
+    prov = provenance(argv)
+    print(f"{prov['gpu']}, torch {torch.__version__}, cupy {fast.launch.cp.__version__}, commit {prov['commit']}")
+    md = (f"# Benchmarks on {prov['gpu']}\n\nmeasured {prov['date']} at commit {prov['commit']} by "
+          f"`{prov['command']}`\n\n")
+    results = {"provenance": prov, "device": prov["gpu"]}
     if args.what in ("kernels", "all"):
-        rows, sweep = bench_kernels(args)
+        rows, log, found = bench_kernels(args)
         acts = "fp8 activations (quant8 + wgmm8)" if args.act == "fp8" else "bf16 activations"
-        md += markdown(rows, f"Ternary kernel, {acts}, vs cuBLAS bf16 F.linear (cold weights, CUDA graphs)")
-        tuned = tiles.TUNED8 if args.act == "fp8" else tiles.TUNED
-        results.update(kernels=rows, sweep=sweep, tuned={f"{k[0]}x{k[1]}": v for k, v in tuned.items()})
-        if args.sweep:
-            print("TUNED8 =" if args.act == "fp8" else "TUNED =", tuned)
-    if args.what in ("floors", "all"):
-        rows, table = bench_floors(args)
-        md += "\n" + table
-        results.update(floors=rows)
-    if args.what in ("model", "all"):
-        rows, table = bench_model(args)
-        md += "\n" + table
-        results.update(model=rows)
-    if args.what in ("train", "all"):
-        rows, table = bench_train(args)
-        md += "\n" + table
-        results.update(train=rows)
+        md += markdown(rows, f"Ternary kernels, {acts}, vs cuBLAS bf16 F.linear (cold weights, CUDA graphs)")
+        results.update(kernels=rows, sweep=log)
+        if args.sweep and found:
+            sweep = {k: prov[k] for k in ("date", "commit", "command")}
+            path = tiles.save_tuned(prov["gpu"], args.act, found, sweep)
+            print(f"wrote the fastest tiles of {sum(map(len, found.values()))} rows to {path}")
+    for what, bench in (("floors", bench_floors), ("model", bench_model), ("load", bench_load), ("train", bench_train)):
+        if args.what in (what, "all"):
+            rows, table = bench(args)
+            md += "\n" + table
+            results[what] = rows
     print("\n" + md)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(md)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+    with cli.atomic_write(args.out) as f:
+        f.write(md.encode())
+    with cli.atomic_write(os.path.splitext(args.out)[0] + ".json") as f:
+        f.write(json.dumps(results, indent=1).encode())
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

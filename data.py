@@ -14,18 +14,15 @@ ImageFolder: root/<class>/<image>, the ImageNet layout. Images are converted to 
 center_crop_arr). An unreadable image is an error that names the file: a silently shrinking dataset is worse than
 a stopped run. A class folder without images is left out with a warning (torchvision refuses it): as a class it
 would be a label no image teaches.
-
-Also the checks that the command-line scripts share: numeric arguments in range (number), --device (device),
-and output paths that must not be an input nor land in a missing folder (check_output).
 """
 
-import argparse
-import math
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import cli
 
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fashion_mnist.npz")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -34,46 +31,6 @@ VAE_SCALE = 0.18215  # DiT/LDM: latents of sd-vae-ft-ema are multiplied by this 
 
 class UnreadableImage(ValueError):
     pass
-
-
-def number(cast, lo=-math.inf, hi=math.inf, what="a number"):
-    """argparse type: cast, then require a finite value in [lo, hi] (nan and inf parse as floats, then do harm)."""
-    def parse(text):
-        try:
-            v = cast(text)
-        except ValueError:
-            v = None
-        if v is None or not math.isfinite(v) or not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return v
-    return parse
-
-
-def device(text):
-    """argparse type for --device: cpu, cuda or cuda:N, and CUDA only where there is one."""
-    try:
-        d = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} asked for, but this torch has no CUDA device: use --device cpu")
-    if d.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"device {text!r} is not supported here: use cpu, cuda or cuda:N")
-    return d
-
-
-def check_output(path, inputs=(), flag="--out"):
-    """Refuse, before any work, an output that would overwrite one of the inputs or that cannot be written."""
-    for i in inputs:
-        if os.path.exists(i) and os.path.realpath(path) == os.path.realpath(i):
-            raise ValueError(f"{flag} {path} is the input {i}: writing it would destroy the input; choose another {flag}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a directory: give a file name")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another {flag}")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: the folder {folder} is not writable; choose another {flag}")
 
 
 def load_embedded(split="train"):
@@ -196,7 +153,8 @@ class VAE:
 
 
 def save_grid(x, path, nrow=None):
-    """Save images x (N, C, H, W) in [-1, 1] as one PNG grid (torchvision's save_image, without torchvision)."""
+    """Save images x (N, C, H, W) in [-1, 1] as one PNG grid (torchvision's save_image, without torchvision),
+    written atomically: an interrupted save never leaves a half-written PNG."""
     from PIL import Image
     N, C, H, W = x.shape
     nrow = nrow or int(np.ceil(np.sqrt(N)))
@@ -206,6 +164,5 @@ def save_grid(x, path, nrow=None):
         r, c = divmod(k, nrow)
         grid[:, 2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = x[k].float().cpu()
     arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    tmp = path + ".tmp.png"
-    Image.fromarray(arr[..., 0] if C == 1 else arr).save(tmp)
-    os.replace(tmp, path)
+    with cli.atomic_write(path) as f:
+        Image.fromarray(arr[..., 0] if C == 1 else arr).save(f, format="PNG")

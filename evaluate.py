@@ -20,15 +20,16 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import data
 import quant
+import sample
 from diffusion import Diffusion
 
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "fmnist_classifier.pt")
@@ -93,7 +94,8 @@ def train_classifier(epochs=5, batch_size=256, lr=2e-3, seed=0, path=ASSET):
     info = dict(test_acc=acc, epochs=epochs, seed=seed, train_seconds=round(time.time() - t0, 1),
                 width=16, feature_dim=128, image_size=32)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"state_dict": clf.to(memory_format=torch.contiguous_format).state_dict(), "info": info}, path)
+    with cli.atomic_write(path) as f:
+        torch.save({"state_dict": clf.to(memory_format=torch.contiguous_format).state_dict(), "info": info}, f)
     print(f"saved {path} ({os.path.getsize(path) / 1e6:.2f} MB): test accuracy {acc:.4f}")
     return clf
 
@@ -161,7 +163,9 @@ def adaln_stats(model, x0, y, timesteps=(50, 250, 500, 750, 950), seed=0):
     over a forward pass at each timestep, via forward hooks. (adaLN sees only c = t_emb + y_emb, not the image.)"""
     diff, g = Diffusion(), torch.Generator(x0.device).manual_seed(seed)
     rows, current, hooks = [], {}, []
-    fused, model.fused_adaln = model.fused_adaln, None  # a packed model's fused adaLN would bypass the hooks
+    fused = getattr(model, "fused_adaln", None)  # a packed model's fused adaLN (deploy.py) would bypass the hooks:
+    if fused is not None:                       # without it every block computes its own through adaLN_modulation
+        model.fused_adaln = None
     for i, block in enumerate(model.layers):
         for stage, k in (("linear", 1), ("norm", 2)):
             if not isinstance(block.adaLN_modulation[k], nn.Identity):
@@ -178,7 +182,8 @@ def adaln_stats(model, x0, y, timesteps=(50, 250, 500, 750, 950), seed=0):
     finally:
         for h in hooks:
             h.remove()
-        model.fused_adaln = fused
+        if fused is not None:
+            model.fused_adaln = fused
     return rows
 
 
@@ -200,17 +205,15 @@ def generate(model, n, cfg_scale, num_steps, method, batch_size, seed, device, c
     torch.compile first (sample.compile_model; None: on with CUDA, off on a CPU)."""
     if compile is None:
         compile = torch.device(device).type == "cuda"
-    cfg, diff = model.config, Diffusion()
     g = torch.Generator(device).manual_seed(seed)
-    y = torch.arange(n, device=device) % cfg.num_classes
-    import sample  # here, as in main(): this module and its tests work without the sampler's imports
+    y = torch.arange(n, device=device) % model.config.num_classes
     # as sample.py: bf16 (a packed model in bf16, else float32 under bf16 autocast), each step one CUDA graph replay
     runner = sample.CUDAGraphed(model) if torch.device(device).type == "cuda" else model
     with sample.inference_context(model):
         if compile:
             print(f"compiled in {sample.compile_model(runner, model, min(batch_size, n), cfg_scale):.1f} s")
-        out = [diff.sample(runner, yb, (cfg.in_channels, cfg.input_size, cfg.input_size), cfg_scale, num_steps,
-                           method, generator=g, progress=True).float().cpu() for yb in y.split(batch_size)]
+        out = [sample.generate(model, yb, cfg_scale, num_steps, method, g, runner, progress=True).float().cpu()
+               for yb in y.split(batch_size)]
     if (x := torch.cat(out)).shape[1] not in (1, 3):
         raise ValueError(f"evaluate.py scores pixel images; this model makes {x.shape[1]}-channel (latent?) samples")
     x = x.mean(1, keepdim=True)  # RGB -> grey; a no-op for 1 channel
@@ -237,21 +240,21 @@ def print_score(result, size_key):
           f" {size_key}={result[size_key]}")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    positive = data.number(int, 1, what="a positive integer")
+    positive = cli.number(int, 1, what="a positive integer")
     p.add_argument("--train-classifier", action="store_true", help="train and save assets/fmnist_classifier.pt")
     p.add_argument("--epochs", type=positive, default=5, help="classifier training epochs")
     p.add_argument("--ckpt", help="training checkpoint (.pt) or packed model (.tdit)")
     p.add_argument("--num-samples", type=positive, default=1000, help="images to generate (--adaln-stats: to feed, ≤ 64)")
-    p.add_argument("--cfg-scale", type=data.number(float, 0, what="a finite number >= 0"), default=1.5,
+    p.add_argument("--cfg-scale", type=cli.number(float, 0, what="a finite number >= 0"), default=1.5,
                    help="guidance scale (the paper's FID setting: 1.5)")
     p.add_argument("--num-steps", type=positive, default=100, help="sampling steps")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler")
     p.add_argument("--batch-size", type=positive, default=500, help="images sampled at once")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="regional torch.compile before sampling (None: on with CUDA, off on a CPU)")
     p.add_argument("--act", default="bf16", choices=["bf16", "fp8"],
@@ -260,15 +263,14 @@ def main():
     p.add_argument("--ptq", action="store_true", help="round-to-nearest ternary PTQ of a full-precision checkpoint")
     p.add_argument("--adaln-stats", action="store_true", help="report adaLN output magnitudes instead of sampling")
     p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.out:
-        data.check_output(args.out, [args.ckpt] if args.ckpt else [])
+        cli.check_output(args.out, [args.ckpt] if args.ckpt else [])
 
     if args.train_classifier:
         train_classifier(epochs=args.epochs, seed=args.seed)
     if not args.ckpt:
         return None if args.train_classifier else p.error("pass --ckpt (or --train-classifier)")
-    import sample  # imported here so this module (and its tests) work without the sampler
     model = sample.load_model(args.ckpt, args.device, args.act)
     result = dict(ckpt=args.ckpt, ckpt_bytes=os.path.getsize(args.ckpt), ternary=model.config.ternary, ptq=args.ptq,
                   act=args.act)
@@ -293,13 +295,10 @@ def main():
         result.update(score(x, y, load_classifier(), seed=args.seed))
         print_score(result, "ckpt_bytes")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        with cli.atomic_write(args.out) as f:
+            f.write(json.dumps(result, indent=1).encode())
         print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

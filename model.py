@@ -14,7 +14,7 @@ final layer. That is 99% of the parameters of the 600M and 4.2B models in 2 bits
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -40,30 +40,19 @@ class TerDiTConfig:
     adaln_norm: bool = True     # the paper's RMSNorm after the adaLN linear (False = the Fig. 7/8 ablation)
     pos_embed: bool = False     # DiT's fixed 2-D sin-cos position embedding; not in the reference (see below)
     learn_sigma: bool = True    # also predict the variance (2C output channels: ε, then v), as the reference and DiT
-    patch_layout: str = "cpp"   # order of a token's p²C input values: "cpp" (C, p, p) as the reference, "ppc" legacy
     reference_cfg: bool = False  # guide only the first 3 channels (DiT's and the reference's quirk); False: all of ε
 
 
-# Fields added after checkpoints were written, with the value that reproduces those checkpoints: a config that
-# lacks one (old train.py checkpoints, old .tdit files, the shipped demo) was trained with the legacy behaviour.
-LEGACY = dict(learn_sigma=False, patch_layout="ppc", reference_cfg=False)
-
-
 def config_from_dict(d):
-    """TerDiTConfig from a stored dict (checkpoint, .tdit index), filling missing fields with their LEGACY values."""
-    return TerDiTConfig(**{**LEGACY, **d})
-
-
-def to_reference_patch_layout(state, config):
-    """(state dict, config dict) of a legacy "ppc" model -> the same model in the reference's "cpp" layout: the
-    patch embedder's input columns permute from (p, p, C) to (C, p, p). Nothing else changes (the output side is
-    (p, p, C) in both, see TerDiT.unpatchify). Exact: a permutation of stored values."""
-    config = asdict(config_from_dict(config))
-    if config["patch_layout"] == "cpp":
-        return state, config
-    p, C, w = config["patch_size"], config["in_channels"], state["x_embedder.weight"]
-    w = w.view(w.shape[0], p, p, C).permute(0, 3, 1, 2).reshape(w.shape[0], -1)
-    return {**state, "x_embedder.weight": w.contiguous()}, {**config, "patch_layout": "cpp"}
+    """TerDiTConfig from a stored dict (train.py checkpoint, .tdit index), which must name every field and no other:
+    a stored config is complete, so a field missing or unknown means another version of this code wrote it."""
+    names = {f.name for f in fields(TerDiTConfig)}
+    unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+    if unknown or missing:
+        what = ", ".join([f"unknown field {n}" for n in unknown] + [f"missing field {n}" for n in missing])
+        raise ValueError(f"model config written by an older version of this code ({what}): "
+                         "regenerate it with train.py / pack.py")
+    return TerDiTConfig(**d)
 
 
 # Sizes: tiny is for CPU tests, XS for the shipped demo (it samples on a laptop CPU); S and B are DiT-S/B widths; 600M and 4.2B are the paper's two ImageNet models
@@ -85,23 +74,8 @@ def build_model(size, device=None, **overrides):
     return TerDiT(TerDiTConfig(**SIZES[size], **overrides), device=device)
 
 
-def lean(x):
-    """True inside a 16-bit inference model (bf16 weights, no autocast: load_packed(..., dtype=torch.bfloat16)),
-    where x's dtype is the model's and the helpers below skip float32 round trips. False in training (float32
-    weights under autocast: activations there switch between bf16 and float32) and in float32 inference, which
-    keep their formulas bit for bit."""
-    return x.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type)
-
-
 def rms_norm(x, weight, eps):
-    """LLaMA's RMSNorm over the last dim, with the mean of squares in float32 whatever x's dtype (as the reference).
-
-    Training (float32 weights, under autocast) and float32 inference: the reference's formula, unchanged. The
-    16-bit model (lean(x), a gain of x's dtype): F.rms_norm, which on CUDA is one fused kernel that accumulates
-    in float32 and rounds once to x's dtype, instead of a float32 copy of the (N, T, D) activations, five float32
-    ops on it and a cast back (on a CPU, F.rms_norm runs the reference's formula itself)."""
-    if lean(x) and weight.dtype == x.dtype:
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    """LLaMA's RMSNorm over the last dim, with the mean of squares in float32 whatever x's dtype (as the reference)."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
@@ -117,17 +91,12 @@ class RMSNorm(nn.Module):
 
 def modulate(x, shift, scale):
     """x * (1 + scale) + shift, shift and scale (N, D) broadcast over the tokens of x (N, T, D)."""
-    if not lean(x):  # training and float32 inference: the formula as it always was, bit for bit
-        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-    # the 16-bit model: one kernel (computes in float32, rounds once) instead of two full-size ones
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def gated_residual(x, gate, y):
     """x + gate * y, gate (N, D) broadcast over the tokens: adaLN-Zero's gated residual update."""
-    if not lean(x):  # as modulate: training's numerics unchanged
-        return x + gate.unsqueeze(1) * y
-    return torch.addcmul(x, gate.unsqueeze(1), y)  # one kernel, float32 inside, one rounding
+    return x + gate.unsqueeze(1) * y
 
 
 def rope(T, head_dim, device, theta=10000.0, dtype=torch.float32):
@@ -157,14 +126,8 @@ def sincos_pos_embed(dim, h, w, device):
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x0, x1) of x (N, T, H, hd) by the angles of rope()'s tables: the reference's complex
     multiply in real arithmetic, (x0 cos - x1 sin, x0 sin + x1 cos)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd)
-    if lean(x):
-        # the 16-bit model: x * cos + swap(x) * sin, 4 kernels in x's dtype instead of a float32 copy of q (k),
-        # 8 float32 ops and a cast back; 3 roundings instead of 1, still within bf16's precision
-        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
-        return x * cos + swapped * sin
-    # training and float32 inference: in float32, exactly as before (forward and backward)
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (N, T, H, hd/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]            # (T, 1, hd)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # in float32, each (N, T, H, hd/2)
     cos, sin = cos[..., ::2], sin[..., 1::2]               # each (T, 1, hd/2): cos and sin of each pair's angle
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
@@ -221,18 +184,22 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = n_heads, dim // n_heads
         self.wq, self.wk, self.wv, self.wo = (TernaryLinear(dim, dim, bias=False, ternary=ternary, device=device)
                                               for _ in range(4))
-        self.fused_qkv = None  # a packed model's one matmul for wq, wk, wv (pack.fuse), else None
         # qk-norm as in Large-DiT: LayerNorm over all heads at once, before the heads are split
         self.q_norm = nn.LayerNorm(dim, device=device) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(dim, device=device) if qk_norm else nn.Identity()
 
+    rope = staticmethod(apply_rope)  # (the deployed model swaps in a bf16 form: deploy.py)
+
+    def qkv(self, x):
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def forward(self, x, cos, sin):
         N, T, D = x.shape
-        q, k, v = self.fused_qkv(x) if self.fused_qkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q, k, v = self.qkv(x)
         q = self.q_norm(q).view(N, T, self.n_heads, self.head_dim)  # (N, T, H, hd)
         k = self.k_norm(k).view(N, T, self.n_heads, self.head_dim)
         v = v.view(N, T, self.n_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(N, T, D))
 
@@ -247,11 +214,9 @@ class FeedForward(nn.Module):
         self.w1 = TernaryLinear(dim, hidden, bias=False, ternary=ternary, device=device)
         self.w2 = TernaryLinear(hidden, dim, bias=False, ternary=ternary, device=device)
         self.w3 = TernaryLinear(dim, hidden, bias=False, ternary=ternary, device=device)
-        self.fused_w13 = None  # a packed model's one matmul for w1, w3 (pack.fuse), else None
 
     def forward(self, x):
-        h1, h3 = self.fused_w13(x) if self.fused_w13 is not None else (self.w1(x), self.w3(x))
-        return self.w2(F.silu(h1) * h3)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TerDiTBlock(nn.Module):
@@ -271,14 +236,9 @@ class TerDiTBlock(nn.Module):
             TernaryLinear(cond_dim, 6 * dim, bias=True, ternary=cfg.ternary, device=device),
             RMSNorm(6 * dim, eps=cfg.norm_eps, device=device) if cfg.adaln_norm else nn.Identity())
 
-    def modulation(self, c):
-        """(N, 6*dim): shift, scale and gate for attention and MLP, from the conditioning c (N, cond_dim) alone."""
-        return self.adaLN_modulation(c)
-
-    def forward(self, x, c, cos, sin, mod=None):
-        """mod: this block's modulation if TerDiT.modulations computed it up front (packed models); None: from c here."""
-        mod = self.modulation(c) if mod is None else mod
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+    def forward(self, x, c, cos, sin):
+        # shift, scale and gate for attention and MLP, (N, dim) each, from the conditioning c (N, cond_dim) alone
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = gated_residual(x, gate_msa, self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa), cos, sin))
         x = gated_residual(x, gate_mlp, self.feed_forward(modulate(self.ffn_norm(x), shift_mlp, scale_mlp)))
         return x  # (N, T, D)
@@ -307,15 +267,12 @@ class TerDiT(nn.Module):
         self.config = cfg = config
         cond_dim = min(cfg.dim, 1024)  # the reference caps the conditioning width at 1024
         p, C = cfg.patch_size, cfg.in_channels
-        if cfg.patch_layout not in ("cpp", "ppc"):
-            raise ValueError(f"unknown patch_layout '{cfg.patch_layout}': use cpp (the reference) or ppc (legacy)")
         self.out_channels = 2 * C if cfg.learn_sigma else C
         self.x_embedder = nn.Linear(p * p * C, cfg.dim, device=device)
         self.t_embedder = TimestepEmbedder(cond_dim, device=device)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cond_dim, cfg.class_dropout_prob, device=device)
         self.layers = nn.ModuleList(TerDiTBlock(cfg, cond_dim, device=device) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim, cond_dim, p, self.out_channels, device=device)
-        self.fused_adaln = None  # a packed model's one-matmul adaLN for all blocks (pack.fuse), else None
         if device is None or torch.device(device).type != "meta":
             self.initialize_weights()
 
@@ -337,63 +294,53 @@ class TerDiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def modulations(self, c):
-        """Every block's adaLN modulation, or None for a block to compute its own. adaLN sees only c, never the
-        image tokens, so a packed model computes all blocks' modulations up front in one matmul (pack.fuse).
-        A training model lets each block do it inside its forward, where torch.compile fuses it into the block
-        and FSDP2 has gathered the block's weights."""
-        if self.fused_adaln is not None:
-            return self.fused_adaln(c).unbind(1)
-        return [None] * len(self.layers)
-
     def compile_blocks(self, **kwargs):
-        """Regional compilation: torch.compile each block (and a packed model's fused adaLN), not the whole model.
-        The blocks run the same code on tensors of the same shapes, so Dynamo traces one block and Inductor
-        compiles it once; every other block reuses that graph (compile time of one block, not depth). The
-        first forward pass compiles; kwargs go to torch.compile."""
+        """Regional compilation: torch.compile each block, not the whole model. The blocks run the same code on
+        tensors of the same shapes, so Dynamo traces one block and Inductor compiles it once; every other block
+        reuses that graph (compile time of one block, not depth). The first forward pass compiles; kwargs go to
+        torch.compile."""
         for block in self.layers:
             block.compile(**kwargs)
-        if self.fused_adaln is not None:
-            self.fused_adaln.compile(**kwargs)
         return self
 
     def patchify(self, x):
         N, C, H, W = x.shape
         p = self.config.patch_size
-        x = x.view(N, C, H // p, p, W // p, p)
-        if self.config.patch_layout == "cpp":
-            x = x.permute(0, 2, 4, 1, 3, 5)  # (N, H/p, W/p, C, p, p), the reference's order
-        else:
-            x = x.permute(0, 2, 4, 3, 5, 1)  # (N, H/p, W/p, p, p, C), this project's legacy order
+        x = x.view(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (N, H/p, W/p, C, p, p), as the reference
         return x.reshape(N, (H // p) * (W // p), p * p * C)  # (N, T, p²C)
 
     def unpatchify(self, x, H, W):
-        # (p, p, C) within a token in both layouts: the reference code patchifies as (C, p, p) but unpatchifies as
-        # (p, p, C) (Large-DiT's unpatchify is DiT's 'nhwpqc'; not "mirrored" as our spec notes had it), so only
-        # the patch embedder depends on patch_layout; tests/test_pack.py checks it against the reference's forward
+        # (p, p, C) within a token, not patchify's (C, p, p): the reference code patchifies as (C, p, p) but
+        # unpatchifies as (p, p, C) (Large-DiT's unpatchify is DiT's 'nhwpqc'), and so does this model;
+        # tests/test_official.py checks it against the reference's forward
         N, p, C = x.shape[0], self.config.patch_size, self.out_channels
         x = x.view(N, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, H/p, p, W/p, p)
         return x.reshape(N, C, H, W)
 
-    def forward(self, x, t, y, force_drop_ids=None):
-        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels -> ε (N, C, H, W), or ε and v
-        concatenated, (N, 2C, H, W), with learn_sigma."""
+    def embed(self, x, t, y, force_drop_ids=None):
+        """The blocks' inputs: the tokens h (N, T, D), the conditioning c (N, cond_dim) and the RoPE tables."""
         N, C, H, W = x.shape
         p = self.config.patch_size
         if H % p or W % p or C != self.config.in_channels:
             raise ValueError(f"input of shape {tuple(x.shape)} does not fit this model "
                              f"({self.config.in_channels} channels, sides divisible by {p})")
         # the model's own dtype from here on: float32 (training, under autocast), or bf16 for a bf16 inference
-        # model (load_packed(..., dtype=torch.bfloat16)), whose residual stream then stays bf16 throughout
+        # model (deploy.load_packed(..., dtype=torch.bfloat16)), whose residual stream then stays bf16 throughout
         dtype = self.x_embedder.weight.dtype
         h = self.x_embedder(self.patchify(x.to(dtype)))  # (N, T, D)
         if self.config.pos_embed:
             h = h + sincos_pos_embed(self.config.dim, H // p, W // p, x.device).to(h.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (N, cond_dim)
         cos, sin = rope(h.shape[1], self.config.dim // self.config.n_heads, x.device, dtype=dtype)
-        for block, mod in zip(self.layers, self.modulations(c)):
-            h = block(h, c, cos, sin, mod)
-        return self.unpatchify(self.final_layer(h, c), H, W)  # (N, out_channels, H, W)
+        return h, c, cos, sin
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels -> ε (N, C, H, W), or ε and v
+        concatenated, (N, 2C, H, W), with learn_sigma."""
+        h, c, cos, sin = self.embed(x, t, y, force_drop_ids)
+        for block in self.layers:
+            h = block(h, c, cos, sin)
+        return self.unpatchify(self.final_layer(h, c), *x.shape[2:])  # (N, out_channels, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
         """Classifier-free guidance as in DiT: the first half of the batch carries the class labels, the second

@@ -49,7 +49,8 @@ def plot_kernels(ax, path):
                 linestyle={"600M": ":", "4.2B": "-"}.get(model, "--"))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set(xscale="log", xlabel="tokens M (batch x 256 per linear)", ylabel="speed-up over cuBLAS bf16")
-    ax.set_title(f"2-bit kernel vs cuBLAS, {results['device']}")
+    when = results.get("provenance", {}).get("date")  # bench.py's record of when it measured (older files: none)
+    ax.set_title(f"2-bit kernel vs cuBLAS, {results['device']}" + (f", {when[:10]}" if when else ""))
     ax.legend(fontsize=7, ncol=2)
 
 

@@ -4,8 +4,10 @@ TerDiT's ternary QAT: a round-to-nearest (RTN) baseline and PTQ4DiT (Wu et al., 
 Channel-wise Salience Balancing (CSB) with Spearman's ρ-guided Salience Calibration (SSC). Checked against the
 authors' code, github.com/adreamwu/PTQ4DiT (files named below; "their" = that repository).
 
-    python ptq.py --ckpt out/fp/ckpt.pt --wbits 4 --abits 8 --method ptq4dit --num-calib 8 --num-calib-steps 25 \
-        --num-samples 1000 --cfg-scale 1.5 --num-steps 50 --sampler ddim --seed 0 --out results/ptq_w4a8_ptq4dit.json
+    python ptq.py --ckpt out/fp/ckpt.pt --wbits 4 --abits 8 --quant ptq4dit --num-calib 8 --num-calib-steps 25 \
+        --num-samples 1000 --cfg-scale 1.5 --num-steps 50 --method ddim --seed 0 --out results/ptq_w4a8_ptq4dit.json
+
+--quant picks the quantizer (rtn or ptq4dit); --method, as in sample.py and evaluate.py, the sampler (ddpm, ddim).
 
 Which layers: the ones TerDiT makes ternary, i.e. every block's attention wq, wk, wv, wo, SwiGLU w1, w2, w3 and
 adaLN linear, so that the table compares like with like. (Their QuantModel, quant/quant_model.py, wraps every
@@ -53,16 +55,15 @@ rounded once more to bf16, as the FP twin's weights are.
 
 import argparse
 import json
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+import cli
 import evaluate
-from diffusion import Diffusion
+import sample
 
 BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.1")
@@ -193,11 +194,8 @@ def calibration_set(model, n, cfg_scale, num_steps, num_calib_steps, method, see
             self._keep(x, t, y)
             return model.forward_with_cfg(x, t, y, s)
 
-    cfg = model.config
-    g = torch.Generator(device).manual_seed(seed)
-    y = torch.arange(n, device=device) % cfg.num_classes
-    Diffusion().sample(Recorder(), y, (cfg.in_channels, cfg.input_size, cfg.input_size), cfg_scale, num_steps,
-                       method, generator=g)
+    y = torch.arange(n, device=device) % model.config.num_classes
+    sample.generate(model, y, cfg_scale, num_steps, method, torch.Generator(device).manual_seed(seed), Recorder())
     return [r for r in recorded if r is not None]
 
 
@@ -251,14 +249,14 @@ def balance(act_salience, weight_salience):
 
 
 @torch.no_grad()
-def quantize(model, calib, wbits, abits, method, batch_size=1000):
+def quantize(model, calib, wbits, abits, quant, batch_size=1000):
     """Replace the target layers of model by QuantLinear, in place, and calibrate their activation grids on calib.
-    method: rtn (min/max ranges, no balancing) or ptq4dit (CSB with SSC, percentile-MSE ranges). Returns
+    quant: rtn (min/max ranges, no balancing) or ptq4dit (CSB with SSC, percentile-MSE ranges). Returns
     {group leader: ρ_r list} for ptq4dit (what SSC saw), else {}."""
-    if method not in ("rtn", "ptq4dit"):
-        raise ValueError(f"unknown method '{method}': use rtn or ptq4dit")
+    if quant not in ("rtn", "ptq4dit"):
+        raise ValueError(f"unknown quantizer '{quant}': use rtn or ptq4dit")
     layers, balances, report = target_layers(model), {}, {}
-    if method == "ptq4dit":
+    if quant == "ptq4dit":
         groups = [[f"layers.{i}.{n}" for n in g] for i in range(len(model.layers)) for g in CSB_GROUPS]
         sx_r = sample_salience(model, calib, [g[0] for g in groups], batch_size)
         for g in groups:
@@ -269,7 +267,7 @@ def quantize(model, calib, wbits, abits, method, batch_size=1000):
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantLinear(layer, wbits, abits, balances.get(name),
-                                                                "mse" if method == "ptq4dit" else "max"))
+                                                                "mse" if quant == "ptq4dit" else "max"))
     if abits:  # one forward pass of the whole calibration set: each layer's activation grid, in order
         model(*(torch.cat(v) for v in zip(*calib)))
     return report
@@ -291,15 +289,15 @@ def weight_bytes(model, wbits):
     return int(total)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    positive = data.number(int, 1, what="a positive integer")
+    positive = cli.number(int, 1, what="a positive integer")
     p.add_argument("--ckpt", required=True, help="full-precision training checkpoint (train.py --fp)")
-    p.add_argument("--wbits", type=data.number(int, 2, 8, what="an integer in 2..8"), default=8, help="weight bits")
-    p.add_argument("--abits", type=data.number(int, 2, 16, what="an integer in 2..16"), default=8,
+    p.add_argument("--wbits", type=cli.number(int, 2, 8, what="an integer in 2..8"), default=8, help="weight bits")
+    p.add_argument("--abits", type=cli.number(int, 2, 16, what="an integer in 2..16"), default=8,
                    help="activation bits")
-    p.add_argument("--method", default="ptq4dit", choices=["rtn", "ptq4dit"],
+    p.add_argument("--quant", default="ptq4dit", choices=["rtn", "ptq4dit"],
                    help="rtn: round-to-nearest on min/max ranges; ptq4dit: CSB with SSC, percentile-MSE ranges")
     p.add_argument("--num-calib", type=positive, default=8,
                    help="images in the calibration trajectories (each also with its null label: 2 rows a timestep)")
@@ -309,60 +307,56 @@ def main():
     p.add_argument("--calib-seed", type=int, default=1, help="seed of the calibration trajectories (not --seed: "
                                                               "calibrating on the evaluation's own noise would flatter)")
     p.add_argument("--num-samples", type=positive, default=1000, help="images to generate for the score")
-    p.add_argument("--cfg-scale", type=data.number(float, 0, what="a finite number >= 0"), default=1.5,
+    p.add_argument("--cfg-scale", type=cli.number(float, 0, what="a finite number >= 0"), default=1.5,
                    help="guidance scale, for calibration and evaluation (evaluate.py's default)")
-    p.add_argument("--num-steps", type=data.number(int, 1, 1000, what="an integer in 1..1000"), default=100,
+    p.add_argument("--num-steps", type=cli.number(int, 1, 1000, what="an integer in 1..1000"), default=100,
                    help="sampling steps, for calibration and evaluation")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="sampler (evaluate.py's --method)")
+    p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler, for calibration and evaluation")
     p.add_argument("--batch-size", type=positive, default=500, help="images sampled at once")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (as evaluate.py's --seed)")
-    p.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="regional torch.compile before sampling (None: on with CUDA, off on a CPU)")
     p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.num_calib_steps > args.num_steps:
         p.error(f"--num-calib-steps {args.num_calib_steps} is more than --num-steps {args.num_steps}")
     if args.out:
-        data.check_output(args.out, [args.ckpt])
+        cli.check_output(args.out, [args.ckpt])
 
-    import sample
     model = sample.load_model(args.ckpt, args.device)
     if model.config.ternary:
         raise ValueError("ptq.py quantizes a full-precision model; this checkpoint is ternary "
                          "(train the full-precision twin with train.py --fp)")
     t0 = time.time()
     calib = calibration_set(model, args.num_calib, args.cfg_scale, args.num_steps, args.num_calib_steps,
-                            args.sampler, args.calib_seed, args.device)
-    rho = quantize(model, calib, args.wbits, args.abits, args.method, 2 * args.batch_size)
+                            args.method, args.calib_seed, args.device)
+    rho = quantize(model, calib, args.wbits, args.abits, args.quant, 2 * args.batch_size)
     if torch.device(args.device).type == "cuda":
         torch.cuda.synchronize()
     calib_seconds = round(time.time() - t0, 1)
-    print(f"{args.method} W{args.wbits}A{args.abits}: {len(target_layers(model))} layers calibrated on "
+    print(f"{args.quant} W{args.wbits}A{args.abits}: {len(target_layers(model))} layers calibrated on "
           f"{len(calib)} timesteps x {2 * args.num_calib} rows in {calib_seconds} s")
-    result = dict(ckpt=args.ckpt, method=args.method, wbits=args.wbits, abits=args.abits,
+    result = dict(ckpt=args.ckpt, quant=args.quant, wbits=args.wbits, abits=args.abits,
                   num_calib=args.num_calib, num_calib_steps=args.num_calib_steps, calib_seed=args.calib_seed,
                   calib_seconds=calib_seconds, weight_bytes=weight_bytes(model, args.wbits),
                   mean_rho=(sum(sum(r) / len(r) for r in rho.values()) / len(rho)) if rho else None)
 
     t0 = time.time()
-    x, y = evaluate.generate(model, args.num_samples, args.cfg_scale, args.num_steps, args.sampler, args.batch_size,
+    x, y = evaluate.generate(model, args.num_samples, args.cfg_scale, args.num_steps, args.method, args.batch_size,
                              args.seed, args.device, args.compile)
     result.update(num_samples=args.num_samples, cfg_scale=args.cfg_scale, num_steps=args.num_steps,
-                  sampler=args.sampler, seed=args.seed, device=str(args.device),
+                  method=args.method, seed=args.seed, device=str(args.device),
                   sample_seconds=round(time.time() - t0, 1))
     result.update(evaluate.score(x, y, evaluate.load_classifier(), seed=args.seed))
     evaluate.print_score(result, "weight_bytes")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        with cli.atomic_write(args.out) as f:
+            f.write(json.dumps(result, indent=1).encode())
         print(f"wrote {args.out}")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -29,10 +29,9 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -42,7 +41,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cli
 import data
+import sample
 from diffusion import Diffusion
 from model import SIZES, TerDiT, TerDiTConfig, config_from_dict
 
@@ -50,9 +51,9 @@ from model import SIZES, TerDiT, TerDiTConfig, config_from_dict
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train a ternary DiT (TerDiT) with quantization-aware training.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    positive, nonneg = data.number(int, 1, what="a positive integer"), data.number(int, 0, what="an integer >= 0")
-    fraction = data.number(float, 0, 1, what="a number in [0, 1]")
-    positive_float = data.number(float, 1e-12, what="a positive number")
+    positive, nonneg = cli.number(int, 1, what="a positive integer"), cli.number(int, 0, what="an integer >= 0")
+    fraction = cli.number(float, 0, 1, what="a number in [0, 1]")
+    positive_float = cli.number(float, 1e-12, what="a positive number")
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size from model.SIZES (paper: 600M, 4.2B)")
     p.add_argument("--data", default=None, help="ImageFolder root (class sub-folders); None: embedded Fashion-MNIST")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder: train on its latents (paper: sd-vae-ft-ema)")
@@ -109,50 +110,6 @@ SHAPING = ("size", "image_size", "fp", "no_adaln_norm", "pos_embed")  # flags th
 DIVERGED = 10.0  # mean ε-MSE above which a run has blown up: a model that outputs zeros scores 1
 
 
-@contextmanager
-def run_dir_lock(out_dir):
-    """Own out_dir for the run: <out_dir>/lock holds "PID host", created atomically (O_EXCL), so a second run
-    into the same directory is refused. A lock of a process that is gone (same host) is stale and taken over.
-    The lock goes at exit, and so does the directory if this run created it and left it empty."""
-    created = not os.path.isdir(out_dir)
-    path, host = os.path.join(out_dir, "lock"), socket.gethostname()
-    while True:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            if not os.path.isfile(path):  # out_dir is a file
-                raise ValueError(f"--out-dir {out_dir} is not a directory: choose another --out-dir") from None
-            with open(path) as f:
-                pid, _, owner = f.read().strip().partition(" ")
-            if not (pid.isdigit() and owner == host and not pid_alive(int(pid))):
-                raise FileExistsError(f"{out_dir} is in use by another run (PID {pid or '?'} on {owner or '?'}): wait "
-                                      f"for it, or choose another --out-dir (delete {path} if that run is gone)") from None
-            print(f"warning: taking over the stale lock {path} (PID {pid} is no longer running)")
-            os.remove(path)
-        except (PermissionError, NotADirectoryError) as e:
-            raise ValueError(f"cannot write to --out-dir {out_dir} ({e.strerror}): choose another --out-dir") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {host}")
-    try:
-        yield
-    finally:
-        os.remove(path)
-        if created and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
-
-
 def truncate_log(path, step):
     """Keep the log lines up to the checkpoint's step: a run that stopped after its checkpoint logged steps that
     the resumed run logs again (and a crash may have cut the last line short)."""
@@ -162,75 +119,10 @@ def truncate_log(path, step):
         except (ValueError, KeyError, TypeError):
             return math.inf
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, "rb") as f:
             keep = [line for line in f if step_of(line) <= step]
-        with open(path + ".tmp", "w") as f:
+        with cli.atomic_write(path) as f:
             f.writelines(keep)
-        os.replace(path + ".tmp", path)
-
-
-class StopSignal:
-    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop ends after the step it is in (a second signal interrupts
-    at once). Under DDP each rank's flag is all-reduced (MAX) asynchronously over a CPU (gloo) group and read one
-    step later: every rank stops at the same step, and no step waits for the GPU or the other ranks."""
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def __enter__(self):
-        self.signum, self.work, self.group = 0, None, None
-        self.previous = [signal.signal(s, self.handler) for s in self.SIGNALS]
-        return self
-
-    def handler(self, signum, frame):
-        if self.signum:
-            signal.default_int_handler(signum, frame)
-        self.signum = signum
-
-    def __call__(self):
-        """The signal number all ranks stop for after this step (0: go on)."""
-        if not dist.is_initialized():
-            return self.signum
-        self.group = self.group or dist.new_group(backend="gloo")
-        agreed = 0
-        if self.work is not None:
-            self.work.wait()
-            agreed = int(self.flag.item())
-        self.flag = torch.tensor([self.signum])
-        self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return agreed
-
-    def drain(self):
-        if self.work is not None:
-            self.work.wait()  # every rank issued the same all-reduces: none is left in flight at teardown
-
-    def __exit__(self, *exc):
-        for s, h in zip(self.SIGNALS, self.previous):
-            signal.signal(s, h)
-
-
-def save_checkpoint(obj, path):
-    """Write to a temp file, then rename: a crash mid-write never replaces the last good checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    # one fused pass over all tensors (a Python loop of lerp_ launches ~200 kernels per step at 600M); under FSDP
-    # on the local shards (model and EMA are sharded alike), not through DTensor's per-op dispatch
-    local = lambda ps: [p.to_local() if hasattr(p, "to_local") else p for p in ps]
-    torch._foreach_lerp_(local(ema.parameters()), local(p.detach() for p in model.parameters()), 1 - decay)
-
-
-@torch.no_grad()
-def sample_grid(ema, cfg, vae, device, path, autocast, save):
-    y = torch.arange(16, device=device) % cfg.num_classes
-    with autocast:
-        x = Diffusion().sample(ema.eval(), y, (cfg.in_channels, cfg.input_size, cfg.input_size), cfg_scale=4.0,
-                               num_steps=50, method="ddim", clip_denoised=vae is None,
-                               generator=torch.Generator(device=device).manual_seed(0))
-    if save:
-        data.save_grid(vae.decode(x) if vae else x, path, nrow=8)
 
 
 def run_config(args, dataset, vae, ckpt_path, log_path, master_process):
@@ -264,163 +156,183 @@ def run_config(args, dataset, vae, ckpt_path, log_path, master_process):
     return cfg, ckpt
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # under torchrun only rank 0 takes the lock; if it cannot, it exits non-zero and torchrun stops the others
-    with run_dir_lock(args.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext(), StopSignal() as stop:
-        train(args, stop)
+def setup_distributed():
+    """(ddp, rank, world, device), the nanoGPT way: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
+    `python train.py` is one process, on the GPU if there is one."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if 0 < gpus <= local:  # before the process group: a rank without a GPU would leave the others hanging
+        raise ValueError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes per node but "
+                         f"this machine has {gpus} GPU(s): use --nproc_per_node={gpus}, or CUDA_VISIBLE_DEVICES= to "
+                         f"train on the CPU")
+    dist.init_process_group("nccl" if gpus else "gloo")
+    device = torch.device(f"cuda:{local}" if gpus else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
 
-def train(args, stop_signal):
-    # DDP the nanoGPT way: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python train.py` runs one process
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    master_process = rank == 0
-    samples = master_process or args.fsdp  # ranks that sample grids: all of them when FSDP shards the EMA
-    log = print if master_process else (lambda *a, **k: None)
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
+def batch_split(args, world):
+    """(micro, accum): the global batch = world processes × accum micro-steps × micro images."""
     G = args.global_batch_size
     if G % world:
         raise ValueError(f"--global-batch-size {G} is not divisible by the {world} processes")
     micro = args.micro_batch_size or G // world
     if (G // world) % micro:
         raise ValueError(f"each rank's share of the batch ({G // world}) is not a multiple of --micro-batch-size {micro}")
-    accum = G // world // micro
+    return micro, G // world // micro
 
-    # data (and, in latent mode, the VAE that turns images into the DiT's 4-channel latents)
-    dataset = data.load_dataset(args.data, args.image_size)
-    vae = data.VAE(args.vae, device) if args.vae else None
-    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
-    cfg, ckpt = run_config(args, dataset, vae, ckpt_path, log_path, master_process)
-    if args.fsdp and not ddp:
-        raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node=N")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank: FSDP shards them without a broadcast
-    model = TerDiT(cfg, device=device)  # built in place: a 4.2B model initialises in seconds on a GPU
+
+def build_model(cfg, args, device):
+    """(model, EMA copy, compiled?): the same initial weights on every rank (seeded: FSDP shards them without a
+    broadcast), built in place on the device (a 4.2B model initialises in seconds on a GPU)."""
+    torch.manual_seed(args.seed)
+    model = TerDiT(cfg, device=device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    compile_ = device.type == "cuda" and not args.no_compile
-    if compile_:  # after the deepcopy: the EMA samples eagerly (a few grids per run: compiling it does not pay)
+    compiled = device.type == "cuda" and not args.no_compile
+    if compiled:  # after the deepcopy: the EMA samples eagerly (a few grids per run: compiling it does not pay)
         model.compile_blocks()  # regional: one block compiled, reused by all (model.py)
-    if args.fsdp:  # FSDP2: one all-gather per block in forward and backward, a reduce-scatter of its gradients.
-        # On GPU the gathered weights are bf16 (half the traffic; autocast would cast them anyway) and gradients
-        # are reduced in fp32; the sharded latent weights, Adam state and EMA stay fp32. The quantizer then sees
-        # bf16-rounded latent weights, so a trit at the γ/2 threshold can differ from a DDP run's.
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if device.type == "cuda" else MixedPrecisionPolicy()
-        for m in (model, ema):
-            for block in m.layers:
-                fully_shard(block, mp_policy=mp)
-            fully_shard(m, mp_policy=mp)
-        register_fsdp_forward_method(ema, "forward_with_cfg")  # sampling enters through it, not __call__
-    torch.manual_seed(args.seed + rank)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")
-    step = 0
-    if args.resume:  # checkpoints hold full (unsharded) tensors, so any world size or mode can resume any run
-        into = StateDictOptions(full_state_dict=args.fsdp)
-        set_model_state_dict(model, ckpt["model"], options=into)
-        set_model_state_dict(ema, ckpt["ema"], options=into)
-        set_optimizer_state_dict(model, opt, ckpt["opt"], options=into)
-        step = ckpt["step"]
-        log(f"resumed from {ckpt_path} at step {step}")
-        del ckpt
-    raw_model = model
-    if ddp and not args.fsdp:
-        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no second copy, no copy-in)
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    diffusion = Diffusion()
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f"TerDiT-{args.size} ({'ternary' if cfg.ternary else 'full precision'}, adaLN RMSNorm "
-        f"{'on' if cfg.adaln_norm else 'off'}): {n_params / 1e6:.2f}M parameters, {len(dataset)} images, "
-        f"{world} process(es) on {device.type}{' (FSDP)' if args.fsdp else ''}{', compiled' if compile_ else ''}, "
-        f"global batch {G} = {world} x {accum} x {micro}")
+    if args.fsdp:
+        shard(model, ema, device)
+    return model, ema, compiled
 
-    sampler = GlobalBatches(len(dataset), G, rank, world, args.seed, step, args.max_steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, pin_memory=device.type == "cuda",
-                                         num_workers=0 if args.data is None else args.num_workers)
-    C, H = cfg.in_channels, cfg.input_size
-    share = slice(rank * (G // world), (rank + 1) * (G // world))
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    t0 = t_log = time.time()
-    start_step = step
-    stopped = 0
-    for x, y in loader:
-        # this step's random draws, over the global batch, from a generator seeded by (seed, step)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        t = torch.randint(0, diffusion.num_timesteps, (G,), generator=gen)[share].to(device)
-        noise = torch.randn(G, C, H, H, generator=gen)[share].to(device)
-        flip = (torch.rand(G, generator=gen) < 0.5)[share].to(device)
-        drop = (torch.rand(G, generator=gen) < cfg.class_dropout_prob)[share].to(device)
-        vae_noise = torch.randn(G, C, H, H, generator=gen)[share].to(device) if vae else None  # the latent's draw
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # horizontal flip augmentation (DiT)
-        if vae:
-            x = vae.encode(x, vae_noise)
-        lr = args.lr * (0.1 if step >= args.lr_drop * args.max_steps else 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        model.train()
-        for m in range(accum):
-            mb = slice(m * micro, (m + 1) * micro)
-            if ddp and not args.fsdp:  # all-reduce gradients only on the last micro-step (FSDP reduces each one:
-                model.require_backward_grad_sync = m == accum - 1  # unsharded gradients would undo its savings)
-            with autocast:
-                loss = diffusion.training_loss(model, x[mb], y[mb], t[mb], noise[mb], drop[mb]) / accum
-            loss.backward()
-            loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, raw_model, min(args.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        loss_count += 1
-        if step == start_step + 1:  # the first step compiles the blocks (and warms up cuBLAS, NCCL, the allocator)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            log(f"first step took {time.time() - t0:.1f} s{' (including torch.compile)' if compile_ else ''}")
 
-        stopped = stop_signal()
-        last = step == args.max_steps or stopped
-        ckpt_now = step % args.ckpt_every == 0 or last
-        if step % args.log_every == 0 or ckpt_now:
-            if ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            mean_loss = loss_sum.item() / loss_count  # note: a CPU-GPU sync point, only every log_every steps
-            if not mean_loss <= DIVERGED:  # also NaN
-                raise FloatingPointError(f"loss is {mean_loss:.4g} at step {step}, the run diverged: stopping without "
-                                         f"writing a checkpoint (the last good one is {ckpt_path}); try a lower --lr")
-            dt = time.time() - t_log
-            sps = loss_count / dt
-            eta = (args.max_steps - step) * (time.time() - t0) / (step - start_step)
-            mem = f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
-            log(f"step {step}/{args.max_steps} | loss {mean_loss:.4f} | lr {lr:.1e} | {sps:.2f} steps/s | "
-                f"{sps * G:.0f} img/s{mem} | eta {eta / 60:.1f} min")
-            if master_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": sps}) + "\n")
-            loss_sum.zero_()
-            loss_count, t_log = 0, time.time()
-        if ckpt_now:  # every rank calls these (they are collectives); rank 0 receives the full tensors on CPU
-            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = {"model": get_model_state_dict(raw_model, options=full), "ema": get_model_state_dict(ema, options=full),
-                     "opt": get_optimizer_state_dict(raw_model, opt, options=full)}
-            if master_process:
-                save_checkpoint({**state, "step": step, "model_config": asdict(cfg), "args": vars(args)}, ckpt_path)
-            del state
-        if stopped:
-            break
-        if samples and (last or (args.sample_every and step % args.sample_every == 0)):
-            sample_grid(ema, cfg, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast,
-                        save=master_process)
+def shard(model, ema, device):
+    """FSDP2: one all-gather per block in forward and backward, a reduce-scatter of its gradients. On GPU the
+    gathered weights are bf16 (half the traffic; autocast would cast them anyway) and gradients are reduced in
+    fp32; the sharded latent weights, Adam state and EMA stay fp32. The quantizer then sees bf16-rounded latent
+    weights, so a trit at the γ/2 threshold can differ from a DDP run's."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for m in (model, ema):
+        for block in m.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(m, mp_policy=mp)
+    register_fsdp_forward_method(ema, "forward_with_cfg")  # sampling enters through it, not __call__
+
+
+def load_checkpoint(model, ema, opt, ckpt, fsdp):
+    """Checkpoints hold full (unsharded) tensors, so any world size or mode can resume any run. Returns the step."""
+    into = StateDictOptions(full_state_dict=fsdp)
+    set_model_state_dict(model, ckpt["model"], options=into)
+    set_model_state_dict(ema, ckpt["ema"], options=into)
+    set_optimizer_state_dict(model, opt, ckpt["opt"], options=into)
+    return ckpt["step"]
+
+
+def save_checkpoint(model, ema, opt, meta, path, master_process):
+    """Every rank calls this (gathering the full tensors is a collective); rank 0 receives them on the CPU and
+    writes them atomically: a crash mid-write never replaces the last good checkpoint."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {"model": get_model_state_dict(model, options=full), "ema": get_model_state_dict(ema, options=full),
+             "opt": get_optimizer_state_dict(model, opt, options=full)}
+    if master_process:
+        with cli.atomic_write(path) as f:
+            torch.save({**state, **meta}, f)
+
+
+def step_inputs(x, y, step, args, cfg, share, vae, diffusion):
+    """This rank's (x, y, t, noise, drop) for a step. Every random draw comes from a generator seeded by
+    (seed, step) over the global batch, of which the rank takes its share: see the docstring at the top."""
+    G, C, H = args.global_batch_size, cfg.in_channels, cfg.input_size
+    gen, device = torch.Generator().manual_seed(args.seed * 1_000_003 + step), x.device
+    mine = lambda v: v[share].to(device)
+    t = mine(torch.randint(0, diffusion.num_timesteps, (G,), generator=gen))
+    noise = mine(torch.randn(G, C, H, H, generator=gen))
+    flip = mine(torch.rand(G, generator=gen) < 0.5)
+    drop = mine(torch.rand(G, generator=gen) < cfg.class_dropout_prob)  # label dropped: the CFG null class
+    vae_noise = mine(torch.randn(G, C, H, H, generator=gen)) if vae else None  # the latent's posterior draw
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # horizontal flip augmentation (DiT)
+    return (vae.encode(x, vae_noise) if vae else x), y, t, noise, drop
+
+
+def train_step(model, opt, diffusion, inputs, lr, accum, grad_clip, autocast):
+    """One optimizer step of quantization-aware training on inputs (x, y, t, noise, drop), in accum micro-steps;
+    returns the step's loss. The QAT is inside the model: each TernaryLinear ternarizes its latent weights in the
+    forward pass and lets the gradient through to them unchanged (straight-through estimator, quant.py)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    micro, loss_sum = len(inputs[0]) // accum, 0
+    for m in range(accum):
+        if isinstance(model, DDP):  # all-reduce gradients only on the last micro-step (FSDP reduces each one:
+            model.require_backward_grad_sync = m == accum - 1  # unsharded gradients would undo its savings)
+        with autocast:
+            loss = diffusion.training_loss(model, *(v[m * micro:(m + 1) * micro] for v in inputs)) / accum
+        loss.backward()
+        loss_sum += loss.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    # one fused pass over all tensors (a Python loop of lerp_ launches ~200 kernels per step at 600M); under FSDP
+    # on the local shards (model and EMA are sharded alike), not through DTensor's per-op dispatch
+    local = lambda ps: [p.to_local() if hasattr(p, "to_local") else p for p in ps]
+    torch._foreach_lerp_(local(ema.parameters()), local(p.detach() for p in model.parameters()), 1 - decay)
+
+
+class Progress:
+    """The log: every line the mean loss since the last one (all-reduced over the ranks, as nanoGPT), steps/s,
+    images/s, peak GPU memory and ETA, also appended to log.jsonl by rank 0. A mean loss above DIVERGED (or NaN)
+    stops the run before it writes a checkpoint."""
+
+    def __init__(self, args, device, step, log_path, ckpt_path, master_process):
+        self.args, self.device, self.start_step, self.log_path, self.ckpt_path, self.master_process = \
+            args, device, step, log_path, ckpt_path, master_process
+        self.loss_sum, self.count = torch.zeros((), device=device), 0
+        self.t0 = self.t_log = time.time()
+
+    def log(self, *a):
+        if self.master_process:
+            print(*a)
+
+    def add(self, loss, step, compiled):
+        self.loss_sum += loss
+        self.count += 1
+        if step == self.start_step + 1:  # the first step compiles the blocks (and warms up cuBLAS, NCCL, the allocator)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.log(f"first step took {time.time() - self.t0:.1f} s{' (including torch.compile)' if compiled else ''}")
+
+    def report(self, step, lr):
+        args = self.args
+        if dist.is_initialized():
+            dist.all_reduce(self.loss_sum, op=dist.ReduceOp.AVG)
+        mean_loss = self.loss_sum.item() / self.count  # note: a CPU-GPU sync point, only every log_every steps
+        if not mean_loss <= DIVERGED:  # also NaN
+            raise FloatingPointError(f"loss is {mean_loss:.4g} at step {step}, the run diverged: stopping without "
+                                     f"writing a checkpoint (the last good one is {self.ckpt_path}); try a lower --lr")
+        sps = self.count / (time.time() - self.t_log)
+        eta = (args.max_steps - step) * (time.time() - self.t0) / (step - self.start_step)
+        mem = f" | peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB" \
+            if self.device.type == "cuda" else ""
+        self.log(f"step {step}/{args.max_steps} | loss {mean_loss:.4f} | lr {lr:.1e} | {sps:.2f} steps/s | "
+                 f"{sps * args.global_batch_size:.0f} img/s{mem} | eta {eta / 60:.1f} min")
+        if self.master_process:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": sps}) + "\n")
+        self.loss_sum.zero_()
+        self.count, self.t_log = 0, time.time()
+
+
+@torch.no_grad()
+def sample_grid(ema, vae, device, path, autocast, save):
+    """16 images of the EMA model, classes 0, 1, 2, ... in turn: 50 DDIM steps, CFG 4, seed 0 (sample.py's)."""
+    y = torch.arange(16, device=device) % ema.config.num_classes
+    with autocast:
+        x = sample.generate(ema.eval(), y, cfg_scale=4.0, num_steps=50, method="ddim",
+                            generator=torch.Generator(device=device).manual_seed(0))
+    if save:
+        data.save_grid(vae.decode(x) if vae else x, path, nrow=8)
+
+
+def final_checks(model, device, ddp, world, log):
+    """The end-of-run report: peak GPU memory of every rank and, under DDP, that the replicas are identical."""
     peak = ""
     if device.type == "cuda":
         mems = [torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)]
@@ -428,17 +340,92 @@ def train(args, stop_signal):
             mine, mems = mems[0], [torch.empty_like(mems[0]) for _ in range(world)]
             dist.all_gather(mems, mine)
         peak = f", peak GPU memory per rank {', '.join(f'{m.item():.2f}' for m in mems)} GiB"
-    if stopped:
-        log(f"stopped by {signal.Signals(stopped).name} at step {step}: checkpoint {ckpt_path}; to continue, run "
-            f"the same command with --resume (exit code {128 + stopped})")
-    else:
-        log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min{peak}, checkpoint {ckpt_path}")
-    if ddp and not args.fsdp:  # DDP keeps replicas identical by construction; check it (one checksum per tensor)
-        sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
+    if isinstance(model, DDP):  # DDP keeps replicas identical by construction; check it (one checksum per tensor)
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
         lo, hi = sums.clone(), sums.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         log(f"weights identical on all {world} ranks: {'yes' if torch.equal(lo, hi) else 'NO'}")
+    return peak
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # under torchrun only rank 0 takes the lock; if it cannot, it exits non-zero and torchrun stops the others
+    with cli.run_dir_lock(args.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext(), \
+            cli.StopSignal() as stop:
+        train(args, stop)
+
+
+def train(args, stop_signal):
+    ddp, rank, world, device = setup_distributed()
+    master_process = rank == 0
+    samples = master_process or args.fsdp  # ranks that sample grids: all of them when FSDP shards the EMA
+    log = print if master_process else (lambda *a, **k: None)
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    micro, accum = batch_split(args, world)
+
+    # data (and, in latent mode, the VAE that turns images into the DiT's 4-channel latents), model, optimizer
+    dataset = data.load_dataset(args.data, args.image_size)
+    vae = data.VAE(args.vae, device) if args.vae else None
+    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
+    cfg, ckpt = run_config(args, dataset, vae, ckpt_path, log_path, master_process)
+    if args.fsdp and not ddp:
+        raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node=N")
+    raw_model, ema, compiled = build_model(cfg, args, device)
+    torch.manual_seed(args.seed + rank)
+    opt = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")
+    step = load_checkpoint(raw_model, ema, opt, ckpt, args.fsdp) if args.resume else 0
+    if args.resume:
+        log(f"resumed from {ckpt_path} at step {step}")
+    del ckpt
+    model = raw_model
+    if ddp and not args.fsdp:
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no second copy, no copy-in)
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
+    log(f"TerDiT-{args.size} ({'ternary' if cfg.ternary else 'full precision'}, adaLN RMSNorm "
+        f"{'on' if cfg.adaln_norm else 'off'}): {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
+        f"parameters, {len(dataset)} images, {world} process(es) on {device.type}{' (FSDP)' if args.fsdp else ''}"
+        f"{', compiled' if compiled else ''}, global batch {args.global_batch_size} = {world} x {accum} x {micro}")
+
+    G = args.global_batch_size
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=GlobalBatches(len(dataset), G, rank, world, args.seed, step, args.max_steps),
+        pin_memory=device.type == "cuda", num_workers=0 if args.data is None else args.num_workers)
+    share = slice(rank * (G // world), (rank + 1) * (G // world))
+    diffusion, progress, stopped = Diffusion(), Progress(args, device, step, log_path, ckpt_path, master_process), 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        inputs = step_inputs(x, y, step, args, cfg, share, vae, diffusion)
+        lr = args.lr * (0.1 if step >= args.lr_drop * args.max_steps else 1.0)
+        loss = train_step(model, opt, diffusion, inputs, lr, accum, args.grad_clip, autocast)
+        update_ema(ema, raw_model, min(args.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        progress.add(loss, step, compiled)
+
+        stopped = stop_signal()  # the signal all ranks agree to stop for (0: go on)
+        last = step == args.max_steps or stopped
+        ckpt_now = step % args.ckpt_every == 0 or last
+        if step % args.log_every == 0 or ckpt_now:
+            progress.report(step, lr)
+        if ckpt_now:
+            save_checkpoint(raw_model, ema, opt, {"step": step, "model_config": asdict(cfg), "args": vars(args)},
+                            ckpt_path, master_process)
+        if stopped:
+            break
+        if samples and (last or (args.sample_every and step % args.sample_every == 0)):
+            sample_grid(ema, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast,
+                        save=master_process)
+
+    peak = final_checks(model, device, ddp, world, log)
+    if stopped:
+        log(f"stopped by {signal.Signals(stopped).name} at step {step}: checkpoint {ckpt_path}; to continue, run "
+            f"the same command with --resume (exit code {128 + stopped})")
+    else:
+        log(f"done: {step} steps in {(time.time() - progress.t0) / 60:.1f} min{peak}, checkpoint {ckpt_path}")
     if ddp:
         stop_signal.drain()
         del model  # DDP's reducer must go before its process group (else teardown can hang under gloo)
@@ -448,8 +435,4 @@ def train(args, stop_signal):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError) as e:
-        # bad input gets one line; worker exceptions arrive with a traceback in their text, keep its last line
-        sys.exit(f"error: {str(e).strip().splitlines()[-1]}")
+    cli.run(main)

@@ -143,7 +143,7 @@ def test_cli_act_fp8_on_a_packed_model_only(tmp_path, monkeypatch):
     m = tiny_model()
     ckpt, tdit, out = tmp_path / "ckpt.pt", str(tmp_path / "m.tdit"), tmp_path / "r.json"
     torch.save({"model": m.state_dict(), "ema": m.state_dict(), "step": 0, "model_config": asdict(m.config)}, ckpt)
-    pack.write_packed(tdit, asdict(m.config), 0, pack._encode(m), trits_per_byte=4)
+    pack.write_packed(tdit, asdict(m.config), 0, pack.encode(m), trits_per_byte=4)
     args = ["--act", "fp8", "--device", "cpu", "--num-samples", "10", "--num-steps", "2", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", tdit, *args])
     evaluate.main()

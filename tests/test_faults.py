@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -138,7 +139,7 @@ def test_the_command_line_says_it_in_one_line(run, bad_files):
 def test_a_second_run_into_a_locked_run_dir_is_refused(run):
     before = hashes(run)
     lock = os.path.join(run, "lock")
-    open(lock, "w").write(f"{os.getpid()} {train.socket.gethostname()}")  # a live process holds it
+    open(lock, "w").write(f"{os.getpid()} {socket.gethostname()}")  # a live process holds it
     try:
         with pytest.raises(FileExistsError, match="is in use by another run"):
             train.main(FAST + ["--resume", "--max-steps", "3", "--out-dir", run])
@@ -163,7 +164,7 @@ def test_resume_takes_a_stale_lock_and_truncates_the_log(run, tmp_path, capsys):
         f.write('{"step": 3, "loss": 0.9}\n{"step": 4, "loss": 0.9}\n{"step": 5, "lo')
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    open(os.path.join(out, "lock"), "w").write(f"{dead.pid} {train.socket.gethostname()}")
+    open(os.path.join(out, "lock"), "w").write(f"{dead.pid} {socket.gethostname()}")
     train.main(FAST + ["--resume", "--max-steps", "3", "--out-dir", out])
     assert "taking over the stale lock" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
@@ -192,7 +193,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path, ranks):
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ranks == 2 else []
     proc = subprocess.Popen([sys.executable, *launch, "train.py", *FAST, "--global-batch-size", "8", "--max-steps",
                              "1000", "--out-dir", out], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
                             start_new_session=True)
     lines = []
     for line in proc.stdout:

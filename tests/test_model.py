@@ -1,9 +1,11 @@
 """The TerDiT network (model.py). Run: python -m pytest tests/test_model.py -v"""
+from dataclasses import asdict
+
 import pytest
 import torch
 import torch.nn as nn
 
-from model import RMSNorm, build_model, config_from_dict, sincos_pos_embed, to_reference_patch_layout
+from model import RMSNorm, TerDiTConfig, build_model, config_from_dict, sincos_pos_embed
 from quant import TernaryLinear
 
 
@@ -27,27 +29,24 @@ def test_forward_shapes():
     assert tiny(learn_sigma=False)(x, torch.tensor([0, 10, 999]), torch.tensor([0, 5, 9])).shape == x.shape
 
 
-def test_legacy_configs_load_as_legacy():
-    old = dict(input_size=16, in_channels=1, dim=64, depth=2, n_heads=2)  # a config written before the new fields
-    cfg = config_from_dict(old)
-    assert (cfg.learn_sigma, cfg.patch_layout, cfg.reference_cfg) == (False, "ppc", False)
-    assert config_from_dict({**old, "learn_sigma": True, "patch_layout": "cpp"}).learn_sigma
+def test_config_from_dict_is_strict():
+    cfg = TerDiTConfig(dim=64, depth=2, n_heads=2, in_channels=1)
+    assert config_from_dict(asdict(cfg)) == cfg
+    old = {k: v for k, v in asdict(cfg).items() if k != "learn_sigma"}  # written before a field existed
+    dropped = {**asdict(cfg), "patch_layout": "ppc"}  # a field this code no longer has
+    for d, what in [(old, "missing field learn_sigma"), (dropped, "unknown field patch_layout")]:
+        with pytest.raises(ValueError) as err:
+            config_from_dict(d)
+        msg = str(err.value)
+        assert what in msg and "older version of this code" in msg and "regenerate it with train.py / pack.py" in msg
+        assert len(msg.splitlines()) == 1
 
 
-def test_patch_layouts_and_conversion():
-    torch.manual_seed(0)
+def test_patchify_takes_the_references_layout():
     x = torch.randn(2, 4, 8, 8)
     x[0, 1, 0, 1] = 7.0  # one marked value: where it lands in the first token tells the layout
-    legacy = randomize_(build_model("tiny", input_size=8, in_channels=4, patch_layout="ppc")).eval()
-    ref = build_model("tiny", input_size=8, in_channels=4).eval()
-    assert ref.patchify(x)[0, 0].tolist().index(7.0) == 1 * 4 + 0 * 2 + 1  # (C, p, p): c=1, i=0, j=1
-    assert legacy.patchify(x)[0, 0].tolist().index(7.0) == (0 * 2 + 1) * 4 + 1  # (p, p, C)
-    state, cfg = to_reference_patch_layout(legacy.state_dict(), vars(legacy.config))
-    assert cfg["patch_layout"] == "cpp" and config_from_dict(cfg) == ref.config
-    ref.load_state_dict(state)
-    t, y = torch.tensor([3, 700]), torch.tensor([1, 2])
-    torch.testing.assert_close(ref(x, t, y), legacy(x, t, y), rtol=1e-5, atol=1e-6)
-    assert to_reference_patch_layout(state, cfg) == (state, cfg)  # already the reference layout: unchanged
+    m = build_model("tiny", input_size=8, in_channels=4)
+    assert m.patchify(x)[0, 0].tolist().index(7.0) == 1 * 4 + 0 * 2 + 1  # (C, p, p): c=1, i=0, j=1
 
 
 def test_patchify_roundtrip():

@@ -111,7 +111,7 @@ def test_csb_balances_salience_and_leaves_the_fp_function_unchanged(calibrated):
     fp = copy.deepcopy(m).double()  # balance only (no bits): exact in float64
     balanced = copy.deepcopy(m).double()
     ptq.quantize(balanced, [tuple(v.double() if v.is_floating_point() else v for v in c) for c in calib],
-                 wbits=None, abits=None, method="ptq4dit")
+                 wbits=None, abits=None, quant="ptq4dit")
     csb = {n for n, q in balanced.named_modules() if isinstance(q, ptq.QuantLinear) and q.balance is not None}
     assert len(csb) == 6 * len(m.layers) and not any(n.endswith(("w2", "adaLN_modulation.1")) for n in csb)
     blk = balanced.layers[0]
@@ -143,9 +143,9 @@ def test_calibrated_w4a8_is_closer_to_fp_than_a_bad_quantizer(calibrated):
     with torch.no_grad():
         ref = m(*inputs())
 
-        def rel_err(wbits, abits, method):
+        def rel_err(wbits, abits, quant):
             q = copy.deepcopy(m)
-            ptq.quantize(q, calib, wbits, abits, method)
+            ptq.quantize(q, calib, wbits, abits, quant)
             layers = [l for l in q.modules() if isinstance(l, ptq.QuantLinear)]
             assert len(layers) == 8 * len(m.layers) and all(l.act is not None for l in layers)
             assert torch.equal(q.final_layer.linear.weight, m.final_layer.linear.weight)
@@ -161,10 +161,11 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     torch.save({"model": m.state_dict(), "ema": m.state_dict(), "step": 0, "model_config": asdict(m.config)}, ckpt)
     common = ["ptq.py", "--ckpt", str(ckpt), "--device", "cpu", "--num-calib", "2", "--num-calib-steps", "2",
               "--num-steps", "3", "--num-samples", "20", "--batch-size", "10"]
-    monkeypatch.setattr(sys, "argv", common + ["--wbits", "4", "--abits", "8", "--method", "ptq4dit", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", common + ["--wbits", "4", "--abits", "8", "--quant", "ptq4dit", "--method", "ddim",
+                                               "--out", str(out)])
     ptq.main()
     r = json.loads(out.read_text())
-    assert (r["method"], r["wbits"], r["abits"]) == ("ptq4dit", 4, 8) and 0 <= r["accuracy"] <= 1 and r["fd"] > 0
+    assert (r["quant"], r["method"], r["wbits"], r["abits"]) == ("ptq4dit", "ddim", 4, 8) and 0 <= r["accuracy"] <= 1 and r["fd"] > 0
     assert -1 <= r["mean_rho"] <= 1 and 0 < r["weight_bytes"] < 4 * sum(p.numel() for p in m.parameters())
     assert "accuracy=" in capsys.readouterr().out
     ternary = model_lib.build_model("tiny", in_channels=1)

@@ -1,4 +1,5 @@
-"""Sampling (sample.py) from a train.py checkpoint and from its packed files. Run: python -m pytest tests/test_sample.py -v"""
+"""Sampling (sample.py, sample_ddp.py) from a train.py checkpoint and from its packed files.
+Run: python -m pytest tests/test_sample.py -v"""
 import os
 import subprocess
 import sys
@@ -8,9 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import deploy
+import kernel
 import model
 import pack
 import sample
+import sample_ddp
 import train
 from conftest import ROOT
 
@@ -85,7 +89,7 @@ def test_compile_flag_draws_the_same_image(ckpt, tmp_path, monkeypatch, capsys):
     assert np.abs(img - draw(tdit, str(tmp_path / "e.png"))).max() <= 1
 
 
-gpu_cupy = pytest.mark.skipif(not torch.cuda.is_available() or pack.kernel.cp is None, reason="needs CUDA and cupy")
+gpu_cupy = pytest.mark.skipif(not torch.cuda.is_available() or kernel.cp is None, reason="needs CUDA and cupy")
 
 
 @gpu_cupy
@@ -103,7 +107,7 @@ def test_cuda_graph_of_the_compiled_packed_model(ckpt, tmp_path):
     x = torch.randn(6, 1, 16, 16, device="cuda", generator=g)
     t, y = torch.randint(0, 1000, (6,), device="cuda", generator=g), torch.tensor([0, 1, 2, 10, 10, 10], device="cuda")
     with torch.no_grad():
-        ref = pack.load_packed(tdit, "cuda").forward_with_cfg(x, t, y, 4.0)  # float32 (the kernel's reference path)
+        ref = deploy.load_packed(tdit, "cuda").forward_with_cfg(x, t, y, 4.0)  # float32 (the kernel's reference path)
     err = lambda out: ((out.float() - ref).norm() / ref.norm()).item()
     torch._dynamo.reset()
     counters.clear()
@@ -138,20 +142,19 @@ def test_fid_samples_npz_resumable_and_independent_of_process_count(ckpt, tmp_pa
     out = str(tmp_path / "fid.npz")
     args = ["--ckpt", ckpt, "--num-fid-samples", "5", "--batch-size", "2", "--num-steps", "4", "--method", "ddpm",
             "--cfg-scale", "1.5", "--device", "cpu"]
-    sample.main([*args, "--out", out])
+    sample_ddp.main([*args, "--out", out])
     with np.load(out) as f:
         arr = f["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8  # the ADM suite's layout; greyscale as 3 channels
     assert sorted(os.listdir(out + ".parts")) == ["000000.npy", "000001.npy", "000002.npy"]
     os.remove(os.path.join(out + ".parts", "000001.npy"))  # as if killed during batch 1: only it is sampled again
     stamp = os.path.getmtime(os.path.join(out + ".parts", "000000.npy"))
-    sample.main([*args, "--out", out])
+    sample_ddp.main([*args, "--out", out])
     assert os.path.getmtime(os.path.join(out + ".parts", "000000.npy")) == stamp
     with np.load(out) as f:
         assert np.array_equal(f["arr_0"], arr)
     out2 = str(tmp_path / "fid2.npz")  # two processes (gloo) draw the same samples as one
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sample.py",
-                    *args, "--out", out2], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "sample_ddp.py", *args, "--out", out2], check=True, cwd=ROOT, capture_output=True)
     with np.load(out2) as f:
         assert np.array_equal(f["arr_0"], arr)

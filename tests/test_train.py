@@ -59,9 +59,8 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, image_folder, mon
     train.main(args + ["--max-steps", "2"])
     good = states(os.path.join(out, "ckpt.pt"))
 
-    def crash_mid_write(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
+    def crash_mid_write(obj, f):
+        f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # killed while writing
     monkeypatch.setattr(train.torch, "save", crash_mid_write)
     with pytest.raises(KeyboardInterrupt):
@@ -85,7 +84,7 @@ def test_two_cpu_processes_match_one_and_resume(tmp_path, mode):
     """torchrun --nproc_per_node=2 (gloo) with global batch 8 equals one process with global batch 8; stopped
     after 3 steps and resumed (still 2 processes), it ends exactly where a straight 5-step run does."""
     args = FAST + ["--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3", "--lr-drop", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
     def torchrun(out, *more):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
