@@ -17,9 +17,9 @@ def test_smooth_is_a_centred_median():
 def test_kernel_plot_and_one_of_the_two_modes(tmp_path):
     pytest.importorskip("matplotlib")
     out = str(tmp_path / "k.png")
-    plot.main(["--kernels", os.path.join(ROOT, "bench_results", "kernels_h100.json"), "--out", out])
+    plot.main(["--kernels", os.path.join(ROOT, "bench_results", "kernels_h200.json"), "--out", out])
     assert os.path.getsize(out) > 1000
-    results = json.loads(open(os.path.join(ROOT, "bench_results", "kernels_h100.json")).read())
+    results = json.loads(open(os.path.join(ROOT, "bench_results", "kernels_h200.json")).read())
     results["provenance"] = {"date": "2026-12-01 10:00 UTC", "commit": "abc1234", "command": "python bench.py",
                              "gpu": results["device"]}  # what bench.py writes now
     (tmp_path / "k.json").write_text(json.dumps(results))
