@@ -47,7 +47,12 @@ def device(text):
 
 
 def check_output(path, inputs=(), flag="--out"):
-    """Refuse, before any work, an output that would overwrite one of the inputs or that cannot be written."""
+    """Refuse, before any work, an output that would overwrite one of the inputs, that is not a regular file (a
+    device or a FIFO would be replaced by the rename of atomic_write), or that cannot be written."""
+    if not path:
+        raise ValueError(f"{flag} is empty: give a file name")
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        raise ValueError(f"{flag} {path} is not a regular file (a device, FIFO or socket): choose another {flag}")
     for i in inputs:
         if os.path.exists(i) and os.path.realpath(path) == os.path.realpath(i):
             raise ValueError(f"{flag} {path} is the input {i}: writing it would destroy the input; choose another {flag}")

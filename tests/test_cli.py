@@ -121,6 +121,28 @@ def test_check_output_refuses_inputs_folders_and_missing_folders(tmp_path):
         cli.check_output(str(tmp_path / "missing" / "out.png"))
 
 
+def test_check_output_refuses_an_empty_name_and_special_files(tmp_path):
+    """--out "" and --out naming a FIFO or a device are refused before any work (the rename of atomic_write would
+    replace a device node or a FIFO with a regular file)."""
+    with pytest.raises(ValueError, match="--out is empty"):
+        cli.check_output("")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for special in (str(fifo), os.devnull):
+        with pytest.raises(ValueError, match="not a regular file"):
+            cli.check_output(special)
+
+
+def test_pack_and_sample_refuse_special_outputs_in_one_line(tmp_path, capsys):
+    import pack
+    import sample
+    for main, argv in ((pack.main, ["--ckpt", "missing.pt", "--out", os.devnull]),
+                       (sample.main, ["--out", os.devnull]), (sample.main, ["--out", ""])):
+        with pytest.raises(ValueError, match="not a regular file|is empty"):
+            main(argv)
+    assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)  # the device node is still one
+
+
 def test_run_dir_lock_refuses_a_second_run_and_cleans_up(tmp_path):
     out = str(tmp_path / "run")
     with cli.run_dir_lock(out):
