@@ -15,7 +15,8 @@ import functools
 import json
 import os
 import re
-import tempfile
+
+import cli
 
 # -----------------------------------------------------------------------------
 # the catalogue
@@ -154,10 +155,8 @@ def save_tuned(gpu, act, found, sweep):
         row = table["shapes"].setdefault(f"{K}x{N}", {})
         row.update({str(m): list(choice) for m, choice in by_m.items()})
         table["shapes"][f"{K}x{N}"] = dict(sorted(row.items(), key=lambda kv: int(kv[0])))
-    fd, tmp = tempfile.mkstemp(dir=TUNED_DIR, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(dump_tuned(data))
-    os.replace(tmp, path)
+    with cli.atomic_write(path) as f:
+        f.write(dump_tuned(data).encode())
     tuned.cache_clear()
     return path
 

@@ -18,16 +18,7 @@ import evaluate
 import kernel
 import model as model_lib
 import pack
-from test_pack import checkpoint, random_tiny
-
-
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("deploy")
-    ema = checkpoint(d / "ckpt.pt")
-    out = str(d / "tiny.tdit")
-    pack.main(["--ckpt", str(d / "ckpt.pt"), "--out", out])
-    return ema, out, pack.base3_path(out)
+from test_pack import packed, random_tiny  # noqa: F401 (packed: the fixture, a tiny packed model)
 
 
 def _packed_names(m):
