@@ -1,19 +1,22 @@
 """
 What the command-line scripts (train, sample, sample_ddp, evaluate, ptq, pack) share, so each of them reads as its
-own job: argument checks that fail with one clear line, writes that a crash cannot leave half done, the lock that
-gives a run directory to one training run, the stop signals a cluster sends before it preempts a job, and the
-wrapper that turns a bad input into one "error: ..." line and a non-zero exit.
+own job: argument checks that fail with one clear line, writes that a crash cannot leave half done, the checksum
+that tells a corrupt checkpoint, the lock that gives a run directory to one training run, the stop signals a
+cluster sends before it preempts a job, and the wrapper that turns a bad input or a full disk into one
+"error: ..." line and a non-zero exit.
 
     python -c "import cli; print(cli.number(int, 1, what='a positive integer')('8'))"
 """
 
 import argparse
+import errno
 import math
 import os
 import signal
 import socket
 import sys
 import tempfile
+import zlib
 from contextlib import contextmanager
 
 import torch
@@ -27,10 +30,16 @@ def number(cast, lo=-math.inf, hi=math.inf, what="a number"):
             v = cast(text)
         except ValueError:
             v = None
-        if v is None or not math.isfinite(v) or not lo <= v <= hi:
+        # the range first: an int too large for a float (a seed of 400 digits) would make isfinite raise
+        if v is None or not lo <= v <= hi or not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return v
     return parse
+
+
+# --seed of every script: seeds are combined with step and batch numbers (seed * 1_000_003 + step), which 32 bits
+# leave room for in the 64 bits a torch generator takes
+SEED = number(int, 0, 2**32 - 1, what="an integer in 0..4294967295")
 
 
 def device(text):
@@ -73,20 +82,58 @@ os.umask(UMASK)
 def atomic_write(path):
     """Open a binary file that replaces path only when the with-block ends without an exception: the data goes to
     a temp file of a unique name beside path (two writers never share one), is flushed to disk, then renamed over
-    path in one step. A crash or an error leaves path as it was and no temp file behind."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
-                               suffix=".tmp")
+    path in one step. A crash or an error leaves path as it was and no temp file behind; an error of the system
+    (disk full, quota, I/O) comes back as an OSError that names path and the cause, for run's one line."""
+    tmp = None
     try:
-        os.fchmod(fd, 0o666 & ~UMASK)  # the permissions open() would have given (mkstemp's are owner-only)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
+                                   suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o666 & ~UMASK)  # the permissions open() would have given (mkstemp's are owner-only)
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        written = 0
+        if tmp and os.path.exists(tmp):
+            written = os.path.getsize(tmp)  # how far the write got, for the message
             os.remove(tmp)
+        err = system_error(e) if isinstance(e, Exception) else None  # Ctrl-C stays Ctrl-C
+        if err is not None:
+            cause = (f"disk full after {written:,} bytes (the file is left as it was): free some space or write "
+                     f"elsewhere") if err.errno == errno.ENOSPC else err.strerror
+            raise OSError(err.errno, cause, path) from None
         raise
+
+
+def system_error(e):
+    """The error of the system (an OSError with an errno) that e is, or that it was raised in handling
+    (torch.save turns a failed write into a RuntimeError); None if there is none."""
+    while e is not None and not (isinstance(e, OSError) and e.errno is not None):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def checksum(obj, crc=0):
+    """zlib.crc32 (as pack.py's files) of a checkpoint: every tensor's bytes, every other value's repr and the keys
+    that lead to them, in order (pickle keeps the order of dicts). What a flipped bit or a torn write changes."""
+    if isinstance(obj, torch.Tensor):
+        return zlib.crc32(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    if isinstance(obj, (dict, list, tuple)):
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            crc = checksum(v, zlib.crc32(repr(k).encode(), crc))
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
+
+
+def verify(ckpt, path):
+    """ValueError (one line) if the checkpoint ckpt, loaded from path, does not match the "checksum" that
+    train.py stored in it. One without (written before there were checksums) passes unchecked."""
+    if isinstance(ckpt, dict) and "checksum" in ckpt and \
+            ckpt["checksum"] != checksum({k: v for k, v in ckpt.items() if k != "checksum"}):
+        raise ValueError(f"{path} is corrupt: its contents do not match the checksum it was saved with (a flipped "
+                         f"bit or a damaged copy); use another copy or an earlier checkpoint")
 
 
 def pid_alive(pid):
@@ -99,12 +146,24 @@ def pid_alive(pid):
     return True
 
 
+def read_lock(path):
+    """(PID, host) in a run lock, or (None, None) if it is empty or unreadable."""
+    try:
+        with open(path) as f:
+            pid, _, host = f.read().strip().partition(" ")
+    except (OSError, UnicodeDecodeError):
+        return None, None
+    return (int(pid), host) if pid.isdigit() and host else (None, None)
+
+
 @contextmanager
 def run_dir_lock(out_dir):
     """Own out_dir for the run: <out_dir>/lock holds "PID host". It is written whole beside the lock, then linked
     into place (a link, unlike a rename, fails if the lock exists), so a second run into the same directory is
     refused and nobody reads a half-written lock. A lock of a process that is gone (same host) is stale and taken
-    over. The lock goes at exit, and so does the directory if this run created it and left it empty."""
+    over; so is an empty or unreadable one (left by an older version of this code on a full disk: a lock linked
+    into place is never empty). The lock goes at exit, and so does the directory if this run created it and left
+    it empty; if the disk is full, neither is made."""
     created = not os.path.isdir(out_dir)
     path, host = os.path.join(out_dir, "lock"), socket.gethostname()
     try:
@@ -115,19 +174,24 @@ def run_dir_lock(out_dir):
         raise ValueError(f"--out-dir {out_dir} is not a directory: choose another --out-dir") from None
     except (PermissionError, NotADirectoryError) as e:
         raise ValueError(f"cannot write to --out-dir {out_dir} ({e.strerror}): choose another --out-dir") from None
+    except OSError:  # a full disk: no lock, and no directory this run made
+        if created and os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        raise
     try:
         while True:
             try:
                 os.link(os.path.join(out_dir, f"lock.{os.getpid()}"), path)
                 break
             except FileExistsError:
-                with open(path) as f:
-                    pid, _, owner = f.read().strip().partition(" ")
-                if not (pid.isdigit() and owner == host and not pid_alive(int(pid))):
-                    raise FileExistsError(f"{out_dir} is in use by another run (PID {pid or '?'} on {owner or '?'}): "
-                                          f"wait for it, or choose another --out-dir (delete {path} if that run is "
-                                          f"gone)") from None
-                print(f"warning: taking over the stale lock {path} (PID {pid} is no longer running)")
+                pid, owner = read_lock(path)
+                if pid is None:
+                    print(f"warning: taking over the lock {path}: it is empty or unreadable, so no run holds it")
+                elif owner != host or pid_alive(pid):
+                    raise FileExistsError(f"{out_dir} is in use by another run (PID {pid} on {owner}): wait for it, "
+                                          f"or choose another --out-dir (delete {path} if that run is gone)") from None
+                else:
+                    print(f"warning: taking over the stale lock {path} (PID {pid} is no longer running)")
                 os.remove(path)
     finally:
         os.remove(os.path.join(out_dir, f"lock.{os.getpid()}"))
@@ -177,15 +241,26 @@ class StopSignal:
             signal.signal(s, h)
 
 
+def error_line(e):
+    """The one line that says what went wrong: for an error of the system (errno set: disk full, I/O, permissions)
+    the file and the cause; else the exception's text, whose last line is the message (a worker's exception
+    arrives with a traceback in its text)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        cause = e.strerror or os.strerror(e.errno)
+        cause = "disk full" if e.errno == errno.ENOSPC and not cause.startswith("disk full") else cause
+        return f"{e.filename}: {cause}" if e.filename else cause
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+
 def run(main):
-    """Call main() as a script's entry point: a bad input (missing or existing file, bad value, missing package)
-    or a diverged run ends with one "error: ..." line and exit code 1, Ctrl-C with one line and 130."""
+    """Call main() as a script's entry point: a bad input (missing or existing file, bad value, missing package),
+    an error of the system (disk full, I/O) or a diverged run ends with one "error: ..." line and exit code 1,
+    Ctrl-C with one line and 130."""
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError) as e:
-        # a worker's exception arrives with a traceback in its text: its last line is the message
-        lines = str(e).strip().splitlines()
-        sys.exit(f"error: {lines[-1] if lines else type(e).__name__}")
+    except (OSError, ValueError, FloatingPointError, ImportError) as e:
+        sys.exit(f"error: {error_line(e)}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -86,6 +86,9 @@ class ImageFolder(torch.utils.data.Dataset):
     """root/<class_name>/<image>; labels are the sorted class folder names' indices."""
 
     def __init__(self, root, image_size):
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise ValueError(f"--data '{root}' is a file, not a folder of class sub-folders of images: pass --data "
+                             f"their parent folder (the ImageNet layout), or leave --data out for the embedded dataset")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data directory '{root}' does not exist: pass --data a folder of class "
                                     f"sub-folders of images, or leave --data out to use the embedded dataset")
@@ -114,6 +117,15 @@ class ImageFolder(torch.utils.data.Dataset):
             raise UnreadableImage(f"cannot read image '{path}' ({type(e).__name__}: {e}): "
                                   f"delete or replace the file and restart") from None
         return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1, label  # (3, H, W) in [-1, 1]
+
+
+def workers(n, log=print):
+    """n data loader processes, or as many as this process has CPU cores if fewer: more would only compete for
+    them (and torch warns of it twice, at the loader's creation and at its first batch)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if n > cores:
+        log(f"warning: --num-workers {n} is more than the {cores} CPU core(s) here: using {cores}")
+    return min(n, cores)
 
 
 def load_dataset(path, image_size):

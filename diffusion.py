@@ -48,6 +48,18 @@ def posterior(ac):
             (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac))
 
 
+def respaced_steps(num_timesteps, num_steps):
+    """The `num_steps` of 0..num_timesteps-1 a sampler visits, evenly spaced, both ends included: IDDPM/DiT's
+    space_timesteps, which rounds a running sum of the stride with Python's round (half to even). Rounding
+    linspace instead differs by one at exact half-way points (N = 21: step 500 where DiT takes 499)."""
+    stride = (num_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 1
+    steps, idx = [], 0.0
+    for _ in range(num_steps):
+        steps.append(round(idx))
+        idx += stride
+    return steps
+
+
 def learned_log_variance(v, log_beta, log_post_var):
     """IDDPM Eq. 15: interpolate between the log variances β_t ("fixed large", v = 1) and β̃_t ("fixed small", v = -1)."""
     frac = (v + 1) / 2
@@ -60,8 +72,12 @@ class Diffusion:
         self.num_timesteps = num_timesteps
         scale = 1000 / num_timesteps
         betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # ᾱ_t
-        _, self.betas, _, self.log_post_var, self.coef_x0, self.coef_xt = posterior(self.alphas_cumprod)
+        ac = self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # ᾱ_t
+        _, self.betas, _, self.log_post_var, self.coef_x0, self.coef_xt = posterior(ac)
+        # the square roots from float64 ᾱ, rounded to float32 only when used (as DiT's tables): 1 - ᾱ_t is ~1e-4
+        # at small t, so taking it from a float32 ᾱ would lose ~4 of float32's 7 digits there
+        self.sqrt_ac, self.sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
+        self.sqrt_recip_ac, self.sqrt_recipm1_ac = (1 / ac).sqrt(), (1 / ac - 1).sqrt()
 
     def _at(self, v, t, x):
         """Entries t of a float64 schedule v, as float32 shaped to broadcast over x."""
@@ -69,33 +85,39 @@ class Diffusion:
 
     def q_sample(self, x0, t, noise):
         """Eq. 4 of DDPM: x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε."""
-        a = self._at(self.alphas_cumprod, t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return self._at(self.sqrt_ac, t, x0) * x0 + self._at(self.sqrt_1m_ac, t, x0) * noise
 
-    def training_loss(self, model, x0, y, t=None, noise=None, force_drop_ids=None):
+    def training_loss(self, model, x0, y, t=None, noise=None, force_drop_ids=None, teacher=None,
+                      distill_weight=1.0):
         """The simple loss of DDPM (Eq. 14): MSE between the true and the predicted noise at a uniform random t.
         A learn_sigma model adds the VLB term of its variance (IDDPM's hybrid loss, as DiT's training_losses):
         the KL between the true posterior q(x_{t-1} | x_t, x0) and the model's p(x_{t-1} | x_t), in bits per
         dimension, with the predicted ε detached so that only v learns from it (the mean learns from the MSE).
-        t, noise and the label drops may be drawn by the caller (train.py does, to be reproducible)."""
+        t, noise and the label drops may be drawn by the caller (train.py does, to be reproducible).
+
+        With a teacher (a frozen full-precision model: distillation, not in TerDiT), the student also matches the
+        teacher's whole output, ε and v, on the same noisy input and labels: + distill_weight · MSE(out, teacher)."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t, y, force_drop_ids).float()
         C = x0.shape[1]
-        mse = F.mse_loss(out[:, :C], noise.float())
-        if out.shape[1] == C:
-            return mse
-        return mse + self.vlb_terms(x0.float(), x_t.float(), t, out[:, :C].detach(), out[:, C:]).mean()
+        loss = F.mse_loss(out[:, :C], noise.float())
+        if out.shape[1] > C:
+            loss = loss + self.vlb_terms(x0.float(), x_t.float(), t, out[:, :C].detach(), out[:, C:]).mean()
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x_t, t, y, force_drop_ids).float()
+            loss = loss + distill_weight * F.mse_loss(out, target)
+        return loss
 
     def vlb_terms(self, x0, x_t, t, eps, v):
         """Per-sample L_t of the VLB in bits per dimension (IDDPM; DiT's _vb_terms_bpd, unclipped x0): KL(q || p)
         for t > 0, the discretised decoder NLL -log p(x0 | x1) for t = 0. DiT's "rescaled" factor
         num_timesteps / 1000 is 1 here (training always uses the 1000 steps)."""
         at = lambda s: self._at(s, t, x0)
-        ac = at(self.alphas_cumprod)
         true_mean = at(self.coef_x0) * x0 + at(self.coef_xt) * x_t
-        pred_x0 = (x_t - (1 - ac).sqrt() * eps) / ac.sqrt()
+        pred_x0 = at(self.sqrt_recip_ac) * x_t - at(self.sqrt_recipm1_ac) * eps
         mean = at(self.coef_x0) * pred_x0 + at(self.coef_xt) * x_t
         log_var = learned_log_variance(v, at(self.betas).log(), at(self.log_post_var))
         kl = normal_kl(true_mean, at(self.log_post_var), mean, log_var).flatten(1).mean(1) / math.log(2.0)
@@ -116,7 +138,7 @@ class Diffusion:
         if not 1 <= num_steps <= self.num_timesteps:
             raise ValueError(f"num_steps must be in 1..{self.num_timesteps}, got {num_steps}")
         device = y.device
-        steps = torch.linspace(0, self.num_timesteps - 1, num_steps, dtype=torch.float64).round().long()
+        steps = torch.tensor(respaced_steps(self.num_timesteps, num_steps))
         ac = self.alphas_cumprod[steps]                                # ᾱ at the visited steps, (S,)
         ac_prev, betas, post_var, log_post_var, coef_x0, coef_xt = posterior(ac)  # respaced
         # "fixed large" variance: β_t, with the first entry set to β̃_1 so the log is finite (IDDPM)

@@ -253,7 +253,7 @@ def main(argv=None):
     p.add_argument("--num-steps", type=positive, default=100, help="sampling steps")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler")
     p.add_argument("--batch-size", type=positive, default=500, help="images sampled at once")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="random seed")
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="regional torch.compile before sampling (None: on with CUDA, off on a CPU)")

@@ -59,6 +59,10 @@ def read_reference(folder):
                           in_channels=4, num_classes=1000, qk_norm=bool(train_args.get("qk_norm", False)),
                           learn_sigma=True, reference_cfg=True)
     model = TerDiT(config, device="meta")
+    missing = [k for k in model.state_dict() if k not in state]
+    if missing:  # an incomplete download, or another network's weights
+        raise ValueError(f"'{folder}': its weights lack {len(missing)} of {name}'s tensors ({', '.join(missing[:4])}"
+                         f"{', ...' if len(missing) > 4 else ''}): download {REFERENCE_WEIGHTS} again")
     ternary = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, TernaryLinear) and m.ternary}
     state = {k: unpack_hqq_2bit(v).float() if k in ternary else v.float() for k, v in state.items()}
     table = state["y_embedder.embedding_table.weight"]

@@ -1,7 +1,8 @@
 """
 Turn a training checkpoint into a deployment file: ternary weights in 2 bits (or 1.6), the rest in bf16.
 
-    python pack.py --ckpt out/ckpt.pt --out terdit.tdit    # writes terdit.tdit (2-bit) and terdit.tdit3 (base-3)
+    python pack.py --ckpt out/ckpt.pt --out terdit.tdit    # writes terdit.tdit (2-bit) and terdit.tdit3 (base-3),
+                                                           # as a pair or not at all
     python pack.py --ckpt checkpoints/3B_1180000 --out 3B.tdit   # an official TerDiT checkpoint folder (official.py)
     python -c "import deploy; m = deploy.load_packed('terdit.tdit'); print(m.config)"
 
@@ -43,14 +44,17 @@ TernaryLinear's "weight" replaced by its trits under the name "<layer>.packed":
                 float32's exponent range, so nothing overflows (fp16 stops at 65504) or flushes to zero; it
                 pays in mantissa bits instead (relative rounding error <= 2^-9).
 
-A file of another version is refused with one line that says how to regenerate it.
+A file of an older version is refused with one line that says how to regenerate it; one whose header holds a
+version that never existed (a flipped bit, or another format) as corrupt or not a .tdit file.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import struct
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import numpy as np
@@ -64,6 +68,7 @@ from quant import TernaryLinear, export_ternary
 
 MAGIC = 0x54694454        # b"TDiT" read as a little-endian uint32
 FORMAT_VERSION = 2
+OLDER_VERSIONS = (1,)     # what earlier versions of this code wrote: refused with the command that regenerates them
 HEADER = struct.Struct("<IIIIQI")  # magic, version, trits_per_byte, index_bytes, data_bytes, crc32
 ALIGN = 64
 POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)  # place values of the 5 base-3 digits in a byte
@@ -76,6 +81,12 @@ def _align(n):
 def base3_path(path):
     """Where the base-3 twin of a 2-bit file goes: model.tdit -> model.tdit3, anything else gets .tdit3 appended."""
     return path + "3" if path.endswith(".tdit") else path + ".tdit3"
+
+
+def pair_paths(out):
+    """(2-bit file, base-3 file) that pack.py --out writes: out and its twin, or, when out names a .tdit3 (a
+    repack of one), the .tdit beside it and out, so that each packing keeps its own suffix."""
+    return (out[:-1], out) if out.endswith(".tdit3") else (out, base3_path(out))
 
 
 def ternary_layers(model):
@@ -119,9 +130,9 @@ def encode(model):
     return out
 
 
-def write_packed(path, config, step, encoded, trits_per_byte):
-    """Write one packed file (trits_per_byte 4 = 2-bit, 5 = base-3) of encode()'s tensors, atomically (a crash
-    never leaves a half-written file). Returns its size in bytes."""
+def packed_bytes(config, step, encoded, trits_per_byte):
+    """The bytes of one packed file (trits_per_byte 4 = 2-bit, 5 = base-3) of encode()'s tensors: header, JSON
+    index and padding, then the data section."""
     index = {"config": config, "step": step, "tensors": []}
     data = bytearray()
     for name, encoding, shape, t in encoded:
@@ -140,10 +151,50 @@ def write_packed(path, config, step, encoded, trits_per_byte):
     index_bytes = json.dumps(index).encode()
     crc = zlib.crc32(data, zlib.crc32(index_bytes))
     head = HEADER.pack(MAGIC, FORMAT_VERSION, trits_per_byte, len(index_bytes), len(data), crc) + index_bytes
+    return head + bytes(_align(len(head)) - len(head)), data  # zero padding up to the data section
+
+
+def write_packed(path, config, step, encoded, trits_per_byte):
+    """Write one packed file of encode()'s tensors, atomically (a crash never leaves a half-written file). Returns
+    its size in bytes."""
     with cli.atomic_write(path) as f:
-        f.write(head + bytes(_align(len(head)) - len(head)))  # zero padding up to the data section
-        f.write(data)
+        f.writelines(packed_bytes(config, step, encoded, trits_per_byte))
     return os.path.getsize(path)
+
+
+@contextmanager
+def folder_lock(folder):
+    """Hold an exclusive flock of folder: two pack.py runs into it write one after the other. Where the file
+    system has no flock for folders (some NFS), they go unlocked."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_pair(out, config, step, encoded):
+    """The 2-bit file and its base-3 twin (pair_paths(out)) as a pair or not at all: both go to temp files, which
+    are renamed only when both are written whole, under a lock of their folder (so that two runs to one --out
+    cannot leave the twins of different checkpoints). Should the 2-bit file's rename fail after its twin's, the
+    twin is removed again. Returns their sizes."""
+    path2, path3 = pair_paths(out)
+    twin_renamed = False
+    try:
+        with folder_lock(os.path.dirname(os.path.abspath(path2))), cli.atomic_write(path2) as f2:
+            with cli.atomic_write(path3) as f3:
+                f2.writelines(packed_bytes(config, step, encoded, trits_per_byte=4))
+                f3.writelines(packed_bytes(config, step, encoded, trits_per_byte=5))
+            twin_renamed = True
+    except BaseException:
+        if twin_renamed:
+            os.remove(path3)
+        raise
+    return os.path.getsize(path2), os.path.getsize(path3)
 
 
 # -----------------------------------------------------------------------------
@@ -164,10 +215,13 @@ def read_header(path):
         head = f.read(HEADER.size)
         if len(head) < 4 or struct.unpack("<I", head[:4])[0] != MAGIC:
             raise ValueError(f"{path} is not a TerDiT packed file (wrong magic number): make one with pack.py")
-        if len(head) >= 8 and struct.unpack("<I", head[4:8])[0] != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {struct.unpack('<I', head[4:8])[0]}, this code reads version "
-                             f"{FORMAT_VERSION}: regenerate it with `python pack.py --ckpt <training checkpoint> "
-                             f"--out {path}`")
+        version = struct.unpack("<I", head[4:8])[0] if len(head) >= 8 else FORMAT_VERSION
+        if version in OLDER_VERSIONS:
+            raise ValueError(f"{path} has format version {version}, this code reads version {FORMAT_VERSION}: "
+                             f"regenerate it with `python pack.py --ckpt <training checkpoint> --out {path}`")
+        if version != FORMAT_VERSION:  # a flipped bit in the header, or a file that only starts like ours
+            raise ValueError(f"{path} is corrupt or not a .tdit file (its header's version field reads {version}; "
+                             f"this code knows versions 1-{FORMAT_VERSION}): re-run pack.py on the training checkpoint")
         if len(head) < HEADER.size:
             raise ValueError(f"{path} is truncated ({size} bytes, shorter than the header): re-run pack.py")
         magic, version, trits_per_byte, index_len, data_len, crc = HEADER.unpack(head)
@@ -234,6 +288,7 @@ def read_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__})") from None
+    cli.verify(ckpt, path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or "ema" not in ckpt:
         raise ValueError(f"{path} is not a TerDiT training checkpoint (needs 'ema' and 'model_config')")
     if not ckpt["model_config"].get("ternary", False):
@@ -256,19 +311,18 @@ def main(argv=None):
     parser.add_argument("--ckpt", required=True, help="training checkpoint written by train.py, or an official "
                         "TerDiT checkpoint folder (model_args.pth + consolidated_ema_ternary.00-of-01.pth)")
     parser.add_argument("--out", required=True, help="2-bit output file (e.g. terdit.tdit); the base-3 twin "
-                                                     "goes next to it (terdit.tdit3)")
+                        "goes next to it (terdit.tdit3); --out terdit.tdit3 writes the same pair")
     parser.add_argument("--force", action="store_true", help="overwrite existing --out files that are not packed models")
     args = parser.parse_args(argv)
 
-    for out in (args.out, base3_path(args.out)):  # checked before the work: both files are written at the end
+    path2, path3 = pair_paths(args.out)
+    for out in (path2, path3):  # checked before the work: both files are written at the end
         cli.check_output(out, [args.ckpt])
         if os.path.isfile(out) and os.path.getsize(out) and not is_packed(out) and not args.force:
             raise ValueError(f"{out} exists and is not a packed model: pass --force to overwrite it, or choose "
                              "another --out")
     config, step, model = read_checkpoint(args.ckpt)
-    encoded = encode(model)
-    size2 = write_packed(args.out, config, step, encoded, trits_per_byte=4)
-    size3 = write_packed(base3_path(args.out), config, step, encoded, trits_per_byte=5)
+    size2, size3 = write_pair(args.out, config, step, encode(model))
     n_ternary = sum(m.weight.numel() for _, m in ternary_layers(model))
     n_total = sum(p.numel() for p in model.parameters())
     print(f"packed the EMA weights of step {step}: {n_total:,d} parameters, "
@@ -276,8 +330,8 @@ def main(argv=None):
     if os.path.isfile(args.ckpt):
         print(f"training checkpoint  {args.ckpt}: {_mb(os.path.getsize(args.ckpt))}")
     print(f"EMA weights in bf16  (reference): {_mb(2 * n_total)}")
-    print(f"2-bit packing        {args.out}: {_mb(size2)}")
-    print(f"base-3 packing       {base3_path(args.out)}: {_mb(size3)}")
+    print(f"2-bit packing        {path2}: {_mb(size2)}")
+    print(f"base-3 packing       {path3}: {_mb(size3)}")
 
 
 if __name__ == "__main__":

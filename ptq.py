@@ -304,8 +304,8 @@ def main(argv=None):
     p.add_argument("--num-calib-steps", type=positive, default=25,
                    help="sampling steps kept from each trajectory: 0, k, 2k, ... with k = num_steps // this "
                         "(at most --num-steps)")
-    p.add_argument("--calib-seed", type=int, default=1, help="seed of the calibration trajectories (not --seed: "
-                                                              "calibrating on the evaluation's own noise would flatter)")
+    p.add_argument("--calib-seed", type=cli.SEED, default=1, help="seed of the calibration trajectories (not "
+                   "--seed: calibrating on the evaluation's own noise would flatter)")
     p.add_argument("--num-samples", type=positive, default=1000, help="images to generate for the score")
     p.add_argument("--cfg-scale", type=cli.number(float, 0, what="a finite number >= 0"), default=1.5,
                    help="guidance scale, for calibration and evaluation (evaluate.py's default)")
@@ -313,7 +313,7 @@ def main(argv=None):
                    help="sampling steps, for calibration and evaluation")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim"], help="sampler, for calibration and evaluation")
     p.add_argument("--batch-size", type=positive, default=500, help="images sampled at once")
-    p.add_argument("--seed", type=int, default=0, help="evaluation seed (as evaluate.py's --seed)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="evaluation seed (as evaluate.py's --seed)")
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -43,6 +43,14 @@ the same numbers autograd computes for the composed form (tests/test_quant.py ch
 the 600M model's eager training step from 41.4 to 38.0 GiB at batch 64 (README, training step); under
 torch.compile, as train.py runs on a GPU, it fuses into a few passes: the QAT step costs 0.99-1.04x the FP one.
 
+Starting from a full-precision model (warm-started QAT)
+------------------------------------------------------
+TerDiT trains from scratch. Later low-bit work (ParetoQ, Continual QAT) trains in full precision first and
+switches to QAT for the last part of the budget. The trained FP weights become the latent weights W, and α is
+set to the least-squares scale of their trits, α = Σ|W|·|W̃| / Σ|W̃| (the mean |W| of the entries that stay
+nonzero; TWN, Li et al. 2016): the α that makes α·W̃ closest to W, so the first ternary forward pass is as near
+the FP model's as one α per matrix allows (`fit_alpha`; train.py --init-from).
+
 At deployment the latent weights are thrown away: `export_ternary` returns each layer's trits (int8) and α,
 which pack.py stores in 2 bits each and kernel.py multiplies (at small batch without ever expanding them to
 16 bits).
@@ -59,6 +67,12 @@ def ternarize(w):
     """Eq. 1: the trits W̃ (same dtype as w, values in {-1, 0, 1}) and the per-tensor scale γ = mean|W|."""
     gamma = w.abs().mean()
     return (w / (gamma + EPS)).round().clamp(-1, 1), gamma
+
+
+def fit_alpha(w):
+    """The least-squares α for w's trits: argmin_α ||w - α·W̃||² = Σ|w|·|W̃| / Σ|W̃| (shape (1,), float32)."""
+    trits = ternarize(w.float())[0].abs()
+    return ((w.float().abs() * trits).sum() / trits.sum().clamp(min=1)).reshape(1)
 
 
 class TernarySTE(torch.autograd.Function):

@@ -66,6 +66,7 @@ def load_model(path, device, act="bf16"):
     except Exception:  # torch's own text here is about pickling and weights_only, not about the file
         raise ValueError(f"'{path}' cannot be read as a torch checkpoint (truncated, corrupt or another format): "
                          f"{what}") from None
+    cli.verify(ckpt, path)
     try:
         model = TerDiT(config_from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
@@ -159,7 +160,7 @@ def add_model_args(p, cfg_scale, num_steps, method):
                    help="sampling steps (the reference: 250, with --method ddpm)")
     p.add_argument("--method", default=method, choices=["ddpm", "ddim"],
                    help="sampler (DDIM needs fewer steps; the reference: ddpm)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="random seed (same seed, same images)")
     p.add_argument("--reference-cfg", action=argparse.BooleanOptionalAction, default=None,
                    help="guide only the first 3 channels, as DiT and the reference (default: as the checkpoint says; "
                         "on for official checkpoints, off for ours)")
@@ -180,6 +181,9 @@ def load(args, device):
         model.config.reference_cfg = args.reference_cfg
     if model.config.in_channels == 4 and not args.vae:
         raise ValueError("this model works on VAE latents: pass --vae the AutoencoderKL folder it was trained with")
+    if model.config.in_channels != 4 and args.vae:
+        raise ValueError(f"--vae is for models of VAE latents, and this one makes {model.config.in_channels}-channel "
+                         f"images itself: leave --vae out")
     return model, (data.VAE(args.vae, device) if model.config.in_channels == 4 else None)
 
 

@@ -46,6 +46,7 @@ import data
 import sample
 from diffusion import Diffusion
 from model import SIZES, TerDiT, TerDiTConfig, config_from_dict
+from quant import TernaryLinear, fit_alpha
 
 
 def get_args(argv=None):
@@ -59,6 +60,12 @@ def get_args(argv=None):
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder: train on its latents (paper: sd-vae-ft-ema)")
     p.add_argument("--image-size", type=positive, default=32, help="image side in pixels (paper: 256 with --vae)")
     p.add_argument("--fp", action="store_true", help="train the full-precision twin instead of the ternary model")
+    p.add_argument("--init-from", default=None, help="warm-started QAT: a full-precision checkpoint (train.py --fp) "
+                   "of the same model whose EMA weights start this ternary run, α fitted to them (quant.fit_alpha)")
+    p.add_argument("--teacher", default=None, help="distillation: a full-precision checkpoint of the same model whose "
+                   "EMA output (ε and v) the ternary model also learns to match")
+    p.add_argument("--distill-weight", type=positive_float, default=1.0, help="weight of the teacher-matching MSE "
+                   "beside the diffusion loss (with --teacher)")
     p.add_argument("--no-adaln-norm", action="store_true", help="drop the RMSNorm after the adaLN linear (paper's ablation)")
     p.add_argument("--pos-embed", action="store_true", help="add DiT's 2-D sin-cos position embedding (not in the reference; the demo uses it)")
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard weights, gradients, Adam state and EMA over the ranks (FSDP2) instead of DDP")
@@ -70,13 +77,13 @@ def get_args(argv=None):
     p.add_argument("--lr-drop", type=fraction, default=0.75, help="fraction of --max-steps after which the lr is divided by 10")
     p.add_argument("--grad-clip", type=positive_float, default=2.0, help="max global gradient norm (Large-DiT: 2.0)")
     p.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay (DiT: 0.9999), warmed up as min(decay, (1+s)/(10+s))")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="random seed")
     p.add_argument("--out-dir", default="out", help="where checkpoints, log.jsonl and sample grids go")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--log-every", type=positive, default=20, help="steps between log lines")
     p.add_argument("--ckpt-every", type=positive, default=200, help="steps between checkpoints (always one at the end)")
     p.add_argument("--sample-every", type=nonneg, default=200, help="steps between sample grids (0: only at the end)")
-    p.add_argument("--num-workers", type=nonneg, default=4, help="data loader processes per rank for an ImageFolder")
+    p.add_argument("--num-workers", type=nonneg, default=4, help="data loader processes per rank for an ImageFolder (at most one per CPU core)")
     return p.parse_args(argv)
 
 
@@ -135,8 +142,14 @@ def run_config(args, dataset, vae, ckpt_path, log_path, master_process):
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             cfg = config_from_dict(ckpt["model_config"])
-        except Exception as e:
-            raise ValueError(f"cannot resume from {ckpt_path}: not a readable train.py checkpoint ({e})") from None
+        except Exception as e:  # torch's own text is many lines about pickling: the exception's name says enough
+            raise ValueError(f"cannot resume from {ckpt_path}: not a readable train.py checkpoint "
+                             f"({type(e).__name__}); resume from another copy, or train without --resume into "
+                             f"another --out-dir") from None
+        cli.verify(ckpt, ckpt_path)
+        if ckpt["step"] >= args.max_steps:
+            raise ValueError(f"--resume: {ckpt_path} is at step {ckpt['step']} and --max-steps is {args.max_steps}: "
+                             f"nothing to do; pass a larger --max-steps to train on")
         for k in SHAPING:
             if k in ckpt.get("args", {}) and ckpt["args"][k] != getattr(args, k):
                 flag = "--" + k.replace("_", "-")
@@ -184,11 +197,56 @@ def batch_split(args, world):
     return micro, G // world // micro
 
 
-def build_model(cfg, args, device):
+def fp_weights(path, cfg, flag):
+    """The EMA weights of a full-precision train.py checkpoint of the model cfg describes (--init-from, --teacher)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = asdict(config_from_dict(ckpt["model_config"]))
+    except Exception as e:
+        raise ValueError(f"{flag} {path} is not a readable train.py checkpoint ({type(e).__name__})") from None
+    cli.verify(ckpt, path)
+    if theirs["ternary"]:
+        raise ValueError(f"{flag} {path} holds a ternary model: give a full-precision one (trained with --fp)")
+    for k, v in asdict(cfg).items():
+        if k != "ternary" and theirs[k] != v:
+            raise ValueError(f"{flag} {path} has {k} = {theirs[k]} where this run has {v}: train with the flags "
+                             f"of the run that wrote it (--size, --image-size, --pos-embed, --no-adaln-norm, --data)")
+    return ckpt["ema"]
+
+
+@torch.no_grad()
+def warm_start(model, weights):
+    """Warm-started QAT: the FP weights become the latent weights, and each ternary layer's α the least-squares
+    scale of their trits (quant.py), so the first forward pass is the FP model ternarised."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.endswith(".alphas") for k in missing):
+        raise ValueError(f"--init-from: the checkpoint's tensors do not fit the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for m in model.modules():
+        if isinstance(m, TernaryLinear) and m.ternary:
+            m.alphas.copy_(fit_alpha(m.weight))
+
+
+def build_teacher(weights, cfg, device, compiled):
+    """The frozen full-precision model a ternary student is distilled from (one full copy per rank)."""
+    teacher = TerDiT(TerDiTConfig(**{**asdict(cfg), "ternary": False}), device=device)
+    teacher.load_state_dict(weights)
+    teacher.requires_grad_(False).eval()
+    if compiled:
+        teacher.compile_blocks()
+    return teacher
+
+
+def build_model(cfg, args, device, init=None):
     """(model, EMA copy, compiled?): the same initial weights on every rank (seeded: FSDP shards them without a
-    broadcast), built in place on the device (a 4.2B model initialises in seconds on a GPU)."""
+    broadcast), built in place on the device (a 4.2B model initialises in seconds on a GPU); warm-started from
+    the full-precision weights init where given."""
     torch.manual_seed(args.seed)
     model = TerDiT(cfg, device=device)
+    if init is not None:
+        warm_start(model, init)
     ema = copy.deepcopy(model).requires_grad_(False)
     compiled = device.type == "cuda" and not args.no_compile
     if compiled:  # after the deepcopy: the EMA samples eagerly (a few grids per run: compiling it does not pay)
@@ -223,13 +281,15 @@ def load_checkpoint(model, ema, opt, ckpt, fsdp):
 
 def save_checkpoint(model, ema, opt, meta, path, master_process):
     """Every rank calls this (gathering the full tensors is a collective); rank 0 receives them on the CPU and
-    writes them atomically: a crash mid-write never replaces the last good checkpoint."""
+    writes them atomically: a crash mid-write never replaces the last good checkpoint. The checkpoint carries a
+    checksum of its contents (cli.checksum), which every loader verifies: torch.load does not notice a flipped bit."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = {"model": get_model_state_dict(model, options=full), "ema": get_model_state_dict(ema, options=full),
              "opt": get_optimizer_state_dict(model, opt, options=full)}
     if master_process:
+        ckpt = {**state, **meta}
         with cli.atomic_write(path) as f:
-            torch.save({**state, **meta}, f)
+            torch.save({**ckpt, "checksum": cli.checksum(ckpt)}, f)
 
 
 def step_inputs(x, y, step, args, cfg, share, vae, diffusion):
@@ -247,7 +307,7 @@ def step_inputs(x, y, step, args, cfg, share, vae, diffusion):
     return (vae.encode(x, vae_noise) if vae else x), y, t, noise, drop
 
 
-def train_step(model, opt, diffusion, inputs, lr, accum, grad_clip, autocast):
+def train_step(model, opt, loss_fn, inputs, lr, accum, grad_clip, autocast):
     """One optimizer step of quantization-aware training on inputs (x, y, t, noise, drop), in accum micro-steps;
     returns the step's loss. The QAT is inside the model: each TernaryLinear ternarizes its latent weights in the
     forward pass and lets the gradient through to them unchanged (straight-through estimator, quant.py)."""
@@ -259,7 +319,7 @@ def train_step(model, opt, diffusion, inputs, lr, accum, grad_clip, autocast):
         if isinstance(model, DDP):  # all-reduce gradients only on the last micro-step (FSDP reduces each one:
             model.require_backward_grad_sync = m == accum - 1  # unsharded gradients would undo its savings)
         with autocast:
-            loss = diffusion.training_loss(model, *(v[m * micro:(m + 1) * micro] for v in inputs)) / accum
+            loss = loss_fn(model, *(v[m * micro:(m + 1) * micro] for v in inputs)) / accum
         loss.backward()
         loss_sum += loss.detach()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -291,6 +351,10 @@ class Progress:
         if self.master_process:
             print(*a)
 
+    def untimed(self, since):
+        """Leave the time since `since` (a sample grid: not training) out of the next line's steps/s."""
+        self.t_log += time.time() - since
+
     def add(self, loss, step, compiled):
         self.loss_sum += loss
         self.count += 1
@@ -314,8 +378,11 @@ class Progress:
         self.log(f"step {step}/{args.max_steps} | loss {mean_loss:.4f} | lr {lr:.1e} | {sps:.2f} steps/s | "
                  f"{sps * args.global_batch_size:.0f} img/s{mem} | eta {eta / 60:.1f} min")
         if self.master_process:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": sps}) + "\n")
+            try:  # appended, not rewritten (a torn last line is cut at --resume: truncate_log)
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": sps}) + "\n")
+            except OSError as e:  # a full disk: name the file in the one line of cli.run
+                raise OSError(e.errno, e.strerror, self.log_path) from None
         self.loss_sum.zero_()
         self.count, self.t_log = 0, time.time()
 
@@ -374,7 +441,14 @@ def train(args, stop_signal):
     cfg, ckpt = run_config(args, dataset, vae, ckpt_path, log_path, master_process)
     if args.fsdp and not ddp:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node=N")
-    raw_model, ema, compiled = build_model(cfg, args, device)
+    if args.fp and (args.init_from or args.teacher):
+        raise ValueError("--init-from and --teacher start or guide a ternary run from a full-precision one: drop --fp")
+    init = fp_weights(args.init_from, cfg, "--init-from") if args.init_from and not args.resume else None
+    teacher = fp_weights(args.teacher, cfg, "--teacher") if args.teacher else None
+    raw_model, ema, compiled = build_model(cfg, args, device, init)
+    if teacher is not None:
+        teacher = build_teacher(teacher, cfg, device, compiled)
+    del init
     torch.manual_seed(args.seed + rank)
     opt = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")
     step = load_checkpoint(raw_model, ema, opt, ckpt, args.fsdp) if args.resume else 0
@@ -389,19 +463,22 @@ def train(args, stop_signal):
     log(f"TerDiT-{args.size} ({'ternary' if cfg.ternary else 'full precision'}, adaLN RMSNorm "
         f"{'on' if cfg.adaln_norm else 'off'}): {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
         f"parameters, {len(dataset)} images, {world} process(es) on {device.type}{' (FSDP)' if args.fsdp else ''}"
-        f"{', compiled' if compiled else ''}, global batch {args.global_batch_size} = {world} x {accum} x {micro}")
+        f"{', compiled' if compiled else ''}, global batch {args.global_batch_size} = {world} x {accum} x {micro}"
+        f"{f', warm-started from {args.init_from}' if args.init_from and not args.resume else ''}"
+        f"{f', distilled from {args.teacher}' if args.teacher else ''}")
 
     G = args.global_batch_size
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=GlobalBatches(len(dataset), G, rank, world, args.seed, step, args.max_steps),
-        pin_memory=device.type == "cuda", num_workers=0 if args.data is None else args.num_workers)
+        pin_memory=device.type == "cuda", num_workers=0 if args.data is None else data.workers(args.num_workers, log))
     share = slice(rank * (G // world), (rank + 1) * (G // world))
     diffusion, progress, stopped = Diffusion(), Progress(args, device, step, log_path, ckpt_path, master_process), 0
+    loss_fn = functools.partial(diffusion.training_loss, teacher=teacher, distill_weight=args.distill_weight)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         inputs = step_inputs(x, y, step, args, cfg, share, vae, diffusion)
         lr = args.lr * (0.1 if step >= args.lr_drop * args.max_steps else 1.0)
-        loss = train_step(model, opt, diffusion, inputs, lr, accum, args.grad_clip, autocast)
+        loss = train_step(model, opt, loss_fn, inputs, lr, accum, args.grad_clip, autocast)
         update_ema(ema, raw_model, min(args.ema_decay, (1 + step) / (10 + step)))
         step += 1
         progress.add(loss, step, compiled)
@@ -417,8 +494,10 @@ def train(args, stop_signal):
         if stopped:
             break
         if samples and (last or (args.sample_every and step % args.sample_every == 0)):
+            t = time.time()
             sample_grid(ema, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast,
                         save=master_process)
+            progress.untimed(since=t)
 
     peak = final_checks(model, device, ddp, world, log)
     if stopped:

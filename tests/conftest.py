@@ -1,4 +1,6 @@
-"""Shared test helpers: the repo root on sys.path, and a tiny ImageFolder."""
+"""Shared test helpers: the repo root on sys.path, a tiny ImageFolder, a full disk."""
+import errno
+import io
 import os
 import sys
 
@@ -21,3 +23,21 @@ def image_folder(tmp_path):
             arr = (rng.random((20, 24, 3)) * 64 + c * 60).astype(np.uint8)
             Image.fromarray(arr).save(root / f"class{c}" / f"img{k}.png")
     return str(root)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """full_disk(room): from then on each file that cli.atomic_write opens takes `room` bytes, and a write that
+    does not fit fails as on a full disk (OSError ENOSPC), writing nothing."""
+    import cli
+
+    class Full(io.FileIO):
+        def write(self, b):
+            if self.tell() + len(b) > Full.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(b)
+
+    def fill(room=100):
+        Full.room = room
+        monkeypatch.setattr(cli.os, "fdopen", lambda fd, mode: io.BufferedWriter(Full(fd, mode)))
+    return fill

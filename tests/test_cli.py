@@ -1,12 +1,14 @@
 """The scripts' shared helpers (cli.py): atomic writes, the one-line error wrapper, the argument checks, the run lock.
 Run: python -m pytest tests/test_cli.py -v"""
 import argparse
+import errno
 import os
 import subprocess
 import sys
 import threading
 
 import pytest
+import torch
 
 import cli
 from conftest import ROOT
@@ -156,3 +158,68 @@ def test_run_dir_lock_refuses_a_second_run_and_cleans_up(tmp_path):
     with pytest.raises(ValueError, match="is not a directory"):
         with cli.run_dir_lock(str(tmp_path / "file")):
             pass
+
+
+def test_a_full_disk_names_the_path_and_the_cause_and_leaves_no_temp_file(tmp_path, full_disk):
+    """ENOSPC (or any error of the system) in an atomic write: the temp file goes, the target stays as it was,
+    and run's one line names the path and the cause (ENOSPC: how far the write got)."""
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    full_disk(room=100)
+
+    def main():
+        with cli.atomic_write(str(target)) as f:
+            f.write(b"x" * 60)
+            f.flush()
+            f.write(b"y" * 60)
+            f.flush()
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    assert e.value.code == f"error: {target}: disk full after 60 bytes (the file is left as it was): free some " \
+                           f"space or write elsewhere"
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+    assert run(OSError(errno.EIO, os.strerror(errno.EIO), "x.bin")) == "error: x.bin: Input/output error"
+    assert run(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "log.jsonl")) == "error: log.jsonl: disk full"
+
+
+def test_a_full_disk_leaves_no_lock_and_no_run_dir(tmp_path, full_disk):
+    out = str(tmp_path / "run")
+    full_disk(room=0)
+    with pytest.raises(OSError, match="disk full"):
+        with cli.run_dir_lock(out):
+            pass
+    assert os.listdir(tmp_path) == []  # nor an empty lock that would refuse every later run
+    os.mkdir(out)
+    with pytest.raises(OSError, match="disk full"):
+        with cli.run_dir_lock(out):
+            pass
+    assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"not a lock"])
+def test_an_empty_or_unreadable_lock_is_taken_over_with_a_warning(tmp_path, content, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lock").write_bytes(content)
+    with cli.run_dir_lock(str(out)):
+        assert (out / "lock").read_text().startswith(f"{os.getpid()} ")
+    assert "warning: taking over the lock" in capsys.readouterr().out and os.listdir(out) == []
+
+
+def test_seeds_beyond_their_range_are_argument_errors():
+    assert cli.SEED("4294967295") == 2**32 - 1
+    for bad in (str(2**32), str(2**64), "1" * 400, "-1", "1.5"):  # "1" * 400: too large even for a float
+        with pytest.raises(argparse.ArgumentTypeError, match="must be an integer in 0..4294967295"):
+            cli.SEED(bad)
+
+
+def test_checksum_tells_a_changed_tensor_and_passes_checkpoints_without_one():
+    ckpt = {"model": {"w": torch.arange(6.0)}, "opt": {"state": {0: {"step": torch.tensor(3.0)}}}, "step": 3}
+    saved = {**ckpt, "checksum": cli.checksum(ckpt)}
+    cli.verify(saved, "ckpt.pt")
+    cli.verify(ckpt, "old.pt")  # written before there were checksums
+    flipped = {**saved, "model": {"w": torch.arange(6.0)}}
+    flipped["model"]["w"].view(torch.uint8)[5] ^= 1  # one bit of one float
+    for bad in (flipped, {**saved, "step": 4}):
+        with pytest.raises(ValueError, match="^ckpt.pt is corrupt: its contents do not match the checksum"):
+            cli.verify(bad, "ckpt.pt")

@@ -96,3 +96,19 @@ def test_latent_mode_with_a_tiny_random_vae(tmp_path, image_folder):
     a = v.encode(x, noise)
     torch.manual_seed(2)
     assert torch.equal(a, v.encode(x, noise)) and not torch.equal(a, v.encode(x, torch.randn(2, 4, 4, 4)))
+
+
+def test_more_workers_than_cores_warn_once_and_are_capped(tmp_path, image_folder, capsys, monkeypatch):
+    """Issue 30: --num-workers 4 on a 2-core machine got torch's warning twice (at the loader's creation and at
+    its first batch); now the loader gets one worker per core and train.py says so once."""
+    import warnings
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(train, "sample_grid", lambda *a, **k: None)  # the end-of-run grid: most of the time
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.main(["--size", "tiny", "--data", image_folder, "--image-size", "16", "--global-batch-size", "4",
+                    "--max-steps", "1", "--sample-every", "0", "--num-workers", str(cores + 2),
+                    "--out-dir", str(tmp_path / "run")])
+    assert not [w for w in caught if "worker processes" in str(w.message)]
+    assert capsys.readouterr().out.count(f"warning: --num-workers {cores + 2} is more than the {cores} CPU core") == 1
+    assert data.workers(cores, log=pytest.fail) == cores

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from diffusion import Diffusion, discretized_gaussian_log_likelihood, normal_kl
+from diffusion import Diffusion, discretized_gaussian_log_likelihood, normal_kl, respaced_steps
 from model import build_model
 
 
@@ -184,3 +184,75 @@ def test_learned_variance_extremes_reproduce_the_fixed_samplers():
     torch.testing.assert_close(run(WithV(m, -1.0)), x, rtol=1e-4, atol=1e-4)
     # in between, the samples differ
     assert not torch.allclose(run(WithV(m, 0.0)), run(m), atol=1e-3)
+
+
+class Recorder(Oracle):
+    """An oracle that notes the timesteps it is asked about."""
+
+    def __call__(self, x, t, y):
+        self.seen = getattr(self, "seen", []) + [int(t[0])]
+        return super().__call__(x, t, y)
+
+
+def test_respacing_is_dits():
+    # written out from DiT's respace.space_timesteps(1000, [N]) (a running sum of the stride, Python's round)
+    dit = {21: [0, 50, 100, 150, 200, 250, 300, 350, 400, 450, 499, 549, 599, 649, 699, 749, 799, 849, 899, 949, 999],
+           7: [0, 166, 333, 500, 666, 832, 999], 2: [0, 999], 1: [0]}
+    d = Diffusion()
+    for n, steps in dit.items():
+        oracle = Recorder(torch.zeros(1, 2, 2), d)
+        d.sample(oracle, torch.tensor([0]), (1, 2, 2), cfg_scale=1.0, num_steps=n, method="ddim")
+        assert oracle.seen == steps[::-1], n
+    # the defaults (50, 100, 250) are where rounding the running sum and rounding linspace agree
+    for n in (50, 100, 250, 1000):
+        assert respaced_steps(1000, n) == torch.linspace(0, 999, n, dtype=torch.float64).round().long().tolist()
+
+
+def test_vlb_takes_its_coefficients_from_float64_tables():
+    # at t <= 10, 1 - ᾱ_t ~ 1e-4: coefficients derived from a float32 ᾱ are off by up to ~1e-4 relative (DiT reads
+    # them from float64 tables). v = -1 leaves only the mean's term in the KL, which is where they act.
+    d, g, t = Diffusion(), torch.Generator().manual_seed(0), torch.arange(11)
+    x0 = (torch.randint(0, 256, (11, 4, 16, 16), generator=g) / 127.5 - 1).double()
+    noise = torch.randn(11, 4, 16, 16, generator=g, dtype=torch.float64)
+    eps = noise + 0.03 * torch.randn(11, 4, 16, 16, generator=g, dtype=torch.float64)  # a good ε-predictor
+    v = -torch.ones_like(eps)
+    # DiT's formulas in float64: _predict_xstart_from_eps, q_posterior_mean_variance, _vb_terms_bpd
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ac = torch.cumprod(1 - betas, 0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    log_post_var = torch.cat([post_var[1:2], post_var[1:]]).log()
+    at = lambda a: a[t].view(-1, 1, 1, 1)
+    post_mean = lambda x_0, x_t: at(betas * ac_prev.sqrt() / (1 - ac)) * x_0 + \
+        at((1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)) * x_t
+    x_t = at(ac.sqrt()) * x0 + at((1 - ac).sqrt()) * noise
+    mean = post_mean(at((1 / ac).sqrt()) * x_t - at((1 / ac - 1).sqrt()) * eps, x_t)
+    kl = normal_kl(post_mean(x0, x_t), at(log_post_var), mean, at(log_post_var)).flatten(1).mean(1)
+    nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * at(log_post_var)).flatten(1).mean(1)
+    want = torch.where(t == 0, nll, kl) / math.log(2)
+    got = d.vlb_terms(x0.float(), x_t.float(), t, eps.float(), v.float()).double()
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=0)  # float32 from ᾱ: 1.5e-4 at t = 1
+    # and x_t itself (q_sample) from the float64 square roots
+    torch.testing.assert_close(d.q_sample(x0.float(), t, noise.float()).double(), x_t, rtol=0, atol=1e-6)
+
+
+def test_distillation_term_matches_the_teachers_whole_output():
+    torch.manual_seed(0)
+    student = build_model("tiny", input_size=8, in_channels=1)
+    teacher = build_model("tiny", input_size=8, in_channels=1, ternary=False)
+    with torch.no_grad():
+        for p in [*student.parameters(), *teacher.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    d, g = Diffusion(), torch.Generator().manual_seed(0)
+    x0, y, t = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 10, 500, 999])
+    noise, drop = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([False, True, False, False])
+    plain = d.training_loss(student, x0, y, t, noise, drop)
+    distilled = d.training_loss(student, x0, y, t, noise, drop, teacher=teacher, distill_weight=0.5)
+    x_t = d.q_sample(x0, t, noise)
+    match = ((student(x_t, t, y, drop) - teacher(x_t, t, y, drop)) ** 2).mean()  # ε and v channels alike
+    torch.testing.assert_close(distilled, plain + 0.5 * match)
+    assert match > 1e-4
+    # a teacher equal to the student adds nothing, and no gradient reaches the teacher
+    assert torch.equal(d.training_loss(student, x0, y, t, noise, drop, teacher=student), plain)
+    distilled.backward()
+    assert all(p.grad is None for p in teacher.parameters())

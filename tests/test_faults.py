@@ -14,9 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+import cli as cli_py
 import data
+import evaluate
 import pack
+import ptq
 import sample
+import sample_ddp
 import train
 from conftest import ROOT
 
@@ -81,13 +85,18 @@ ARG_CASES = [  # (script, argv, message): refused by argparse before anything ru
     (sample, ["--device", "gpu0"], "unknown device 'gpu0'"),
     pytest.param(sample, ["--device", "cuda"], "this torch has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")),
+    (train, ["--seed", str(2**64)], "--seed: must be an integer in 0..4294967295"),  # issue 30: no more overflow
+    (sample, ["--seed", str(2**64)], "--seed: must be an integer in 0..4294967295"),
+    (sample_ddp, ["--seed", "1" * 400], "--seed: must be an integer in 0..4294967295"),
+    (evaluate, ["--seed", "-1"], "--seed: must be an integer in 0..4294967295"),
+    (ptq, ["--calib-seed", str(2**64)], "--calib-seed: must be an integer in 0..4294967295"),
 ]
 
 
 @pytest.mark.parametrize("module,argv,message", ARG_CASES)
 def test_bad_arguments_are_refused_up_front(module, argv, message, run, capsys):
     before = hashes(run)
-    code, line = main_of(module, argv + ["--out" if module is sample else "--out-dir", run], capsys)
+    code, line = main_of(module, argv + ["--out-dir" if module is train else "--out", run], capsys)
     assert code == 2 and message in line
     assert hashes(run) == before
 
@@ -103,19 +112,48 @@ OUTPUT_CASES = [  # (script, argv with {run} for the run directory, message)
     (sample, ["--ckpt", "{run}/empty.pt"], "is empty (0 bytes)"),
     (sample, ["--ckpt", "{run}/cut.pt"], "cannot be read as a torch checkpoint"),
     (sample, ["--ckpt", "{run}/random.pt"], "cannot be read as a torch checkpoint"),
+    # issue 30: a flipped bit in a checkpoint, wherever one is loaded
+    (sample, ["--ckpt", "{run}/flipped.pt"], "flipped.pt is corrupt: its contents do not match the checksum"),
+    (sample_ddp, ["--ckpt", "{run}/flipped.pt"], "flipped.pt is corrupt"),
+    (evaluate, ["--ckpt", "{run}/flipped.pt"], "flipped.pt is corrupt"),
+    (ptq, ["--ckpt", "{run}/flipped.pt"], "flipped.pt is corrupt"),
+    (pack, ["--ckpt", "{run}/flipped.pt", "--out", "{run}/flipped.tdit"], "flipped.pt is corrupt"),
+    (train, FAST + ["--resume", "--out-dir", "{run}/flipped"], "flipped/ckpt.pt is corrupt"),
+    # issue 30: messages that say what is wrong
+    (train, FAST + ["--resume", "--out-dir", "{run}/random"], "not a readable train.py checkpoint ("),
+    (train, FAST + ["--resume", "--max-steps", "2", "--out-dir", "{run}"], "is at step 2 and --max-steps is 2: nothing"),
+    (train, FAST + ["--resume", "--max-steps", "1", "--out-dir", "{run}"], "is at step 2 and --max-steps is 1: nothing"),
+    (train, FAST + ["--data", "{run}/log.jsonl", "--out-dir", "{run}/d"], "is a file, not a folder of class sub-folders"),
+    (sample, ["--ckpt", "{run}/version257.tdit"], "version257.tdit is corrupt or not a .tdit file"),
+    (sample, ["--vae", "{run}", "--ckpt", "{run}/ckpt.pt"], "--vae is for models of VAE latents"),
 ]
+
+
+def flip_a_bit(ckpt_bytes, ckpt):
+    """The checkpoint's bytes with one bit flipped in the middle of its first EMA tensor."""
+    t = next(iter(torch.load(ckpt, weights_only=True)["ema"].values())).numpy().tobytes()
+    at = ckpt_bytes.index(t) + len(t) // 2
+    return ckpt_bytes[:at] + bytes([ckpt_bytes[at] ^ 1]) + ckpt_bytes[at + 1:]
 
 
 @pytest.fixture
 def bad_files(run):
-    """An empty, a truncated and a random .pt next to the checkpoint (removed afterwards)."""
+    """An empty, a truncated, a random and a bit-flipped .pt next to the checkpoint, run folders of the random
+    and the flipped one, and a .tdit whose header says version 257 (all removed afterwards)."""
     ckpt = open(os.path.join(run, "ckpt.pt"), "rb").read()
-    files = {"empty.pt": b"", "cut.pt": ckpt[: len(ckpt) // 2], "random.pt": np.random.default_rng(0).bytes(4096)}
+    demo = bytearray(open(sample.DEMO, "rb").read())
+    demo[4:8] = (257).to_bytes(4, "little")
+    flipped, random = flip_a_bit(ckpt, os.path.join(run, "ckpt.pt")), np.random.default_rng(0).bytes(4096)
+    files = {"empty.pt": b"", "cut.pt": ckpt[: len(ckpt) // 2], "random.pt": random, "flipped.pt": flipped,
+             "random/ckpt.pt": random, "flipped/ckpt.pt": flipped, "version257.tdit": bytes(demo)}
     for name, content in files.items():
+        os.makedirs(os.path.dirname(os.path.join(run, name)), exist_ok=True)
         open(os.path.join(run, name), "wb").write(content)
     yield
     for name in files:
         os.remove(os.path.join(run, name))
+    for folder in ("random", "flipped"):
+        os.rmdir(os.path.join(run, folder))
 
 
 @pytest.mark.parametrize("module,argv,message", OUTPUT_CASES)
@@ -226,3 +264,101 @@ def test_image_folder_converts_16_bit_and_transparent_images_and_skips_empty_cla
 
 def test_readme_has_a_cpu_install_line():
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in open(os.path.join(ROOT, "README.md")).read()
+
+
+FID = {"--num-fid-samples": "3", "--batch-size": "2", "--num-steps": "1", "--seed": "0", "--device": "cpu"}
+
+
+def fid(ckpt, out, changes={}):
+    """sample_ddp.py's argv for FID, with changes such as {"seed": "1"} (for --seed 1)."""
+    flags = {**FID, "--ckpt": ckpt, "--out": out, **{"--" + k.replace("_", "-"): v for k, v in changes.items()}}
+    return [x for kv in flags.items() for x in kv]
+
+
+@pytest.mark.parametrize("change", [dict(seed="1"), dict(cfg_scale="2"), dict(num_steps="2"), dict(method="ddim"),
+                                    dict(batch_size="3"), dict(ckpt="other")])
+def test_fid_batches_of_another_checkpoint_or_settings_are_refused(run, tmp_path, change, capsys):
+    """Issue 30: <out>.parts/ of another checkpoint or other settings is refused in one line (it used to be
+    reused: another model's samples under this one's name, or fewer samples than asked); --force starts over
+    and gives what a fresh run gives."""
+    ckpt, other, out = os.path.join(run, "ckpt.pt"), str(tmp_path / "other.pt"), str(tmp_path / "fid.npz")
+    c = torch.load(ckpt, weights_only=True)
+    c = {**{k: v for k, v in c.items() if k != "checksum"}, "step": 3}  # the same weights, another file content
+    torch.save({**c, "checksum": cli_py.checksum(c)}, other)
+    change = {k: other if v == "other" else v for k, v in change.items()}
+    sample_ddp.main(fid(ckpt, out))
+    before, npz = hashes(out + ".parts"), open(out, "rb").read()
+    code, line = main_of(sample_ddp, fid(ckpt, out, change), capsys)
+    assert code == 1 and "holds batches of another checkpoint or other settings" in line and "--force" in line
+    assert hashes(out + ".parts") == before and open(out, "rb").read() == npz
+    sample_ddp.main(fid(ckpt, out, change) + ["--force"])
+    sample_ddp.main(fid(ckpt, str(tmp_path / "fresh.npz"), change))
+    with np.load(out) as a, np.load(str(tmp_path / "fresh.npz")) as b:
+        assert a["arr_0"].shape == (3, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_fid_batches_without_a_fingerprint_or_too_few_samples_are_refused(run, tmp_path, capsys):
+    ckpt, out = os.path.join(run, "ckpt.pt"), str(tmp_path / "fid.npz")
+    sample_ddp.main(fid(ckpt, out))
+    parts = out + ".parts"
+    np.save(os.path.join(parts, "000001.npy"), np.zeros((0, 16, 16, 3), np.uint8))  # a batch that lost its images
+    code, line = main_of(sample_ddp, fid(ckpt, out), capsys)
+    assert code == 1 and "holds 2 samples where 3 were asked: pass --force" in line
+    os.remove(os.path.join(parts, "fingerprint.json"))  # batches of an older version of the script
+    code, line = main_of(sample_ddp, fid(ckpt, out), capsys)
+    assert code == 1 and "no fingerprint there" in line
+    sample_ddp.main(fid(ckpt, out) + ["--force"])
+    with np.load(out) as f:
+        assert f["arr_0"].shape == (3, 16, 16, 3)
+
+
+DISK_FULL_CASES = [  # (script, argv with {run} and {tmp}): each ends in ENOSPC on its first output file
+    (train, FAST + ["--max-steps", "1", "--out-dir", "{tmp}/run"]),
+    (pack, ["--ckpt", "{run}/ckpt.pt", "--out", "{tmp}/m.tdit"]),
+    (sample, ["--ckpt", "{run}/ckpt.pt", "--num-steps", "1", "--device", "cpu", "--out", "{tmp}/s.png"]),
+    (sample_ddp, ["--ckpt", "{run}/ckpt.pt", "--num-fid-samples", "2", "--num-steps", "1", "--device", "cpu",
+                  "--out", "{tmp}/f.npz"]),
+    (evaluate, ["--ckpt", "{run}/ckpt.pt", "--num-samples", "10", "--num-steps", "1", "--device", "cpu",
+                "--out", "{tmp}/r.json"]),
+]
+
+
+@pytest.mark.parametrize("module,argv", DISK_FULL_CASES)
+def test_a_full_disk_is_one_line_and_leaves_no_temp_files(module, argv, run, tmp_path, full_disk):
+    """Issue 30: a full disk used to end in a traceback and leave *.tmp files filling it."""
+    before = hashes(run)
+    full_disk(room=100)  # what the run lock takes fits; no output does
+    with pytest.raises(SystemExit) as e:
+        cli_py.run(lambda: module.main([a.format(run=run, tmp=tmp_path) for a in argv]))
+    line = e.value.code
+    assert line.startswith(f"error: {tmp_path}/") and ": disk full after " in line and len(line.splitlines()) == 1
+    left = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, files in os.walk(tmp_path) for f in files]
+    assert not [f for f in left if f.endswith(".tmp") or f in ("m.tdit", "m.tdit3", "s.png", "f.npz", "r.json")]
+    assert not os.path.exists(tmp_path / "run" / "lock") and not os.path.exists(tmp_path / "run" / "ckpt.pt")
+    assert hashes(run) == before
+
+
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py", "sample_ddp.py"])
+def test_ctrl_c_is_one_line_and_exit_130(run, tmp_path, script):
+    """SIGINT once the script is at work (sampling; for sample_ddp.py after its first batch): exit 130, the
+    line "interrupted" and no traceback, no output or temp file, and the FID batches finished so far kept."""
+    argv = {"sample.py": ["--num-steps", "1000", "--out", "s.png"],
+            "evaluate.py": ["--num-samples", "10", "--num-steps", "1000", "--out", "r.json"],
+            "sample_ddp.py": ["--num-fid-samples", "8", "--batch-size", "1", "--num-steps", "200", "--out", "f.npz"]}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--ckpt", os.path.join(run, "ckpt.pt"),
+                             "--device", "cpu", *argv[script]], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    at_work, seen = (proc.stdout, b"batch 1/") if script == "sample_ddp.py" else (proc.stderr, b"sampling step")
+    out = b""
+    while seen not in out:
+        out += os.read(at_work.fileno(), 1024) or pytest.fail(f"{script} ended: {out}")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.decode().endswith("interrupted\n") and b"Traceback" not in err, err
+    left = sorted(os.listdir(tmp_path))
+    if script == "sample_ddp.py":
+        assert left == ["f.npz.parts"] and "000000.npy" in os.listdir(tmp_path / "f.npz.parts")
+        assert not [f for f in os.listdir(tmp_path / "f.npz.parts") if f.endswith(".tmp")]
+    else:
+        assert left == []

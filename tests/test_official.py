@@ -152,3 +152,23 @@ def test_official_checkpoint_packs_samples_and_refuses_others(tmp_path, monkeypa
 def test_unpack_hqq_2bit_inverts_the_layout():
     trits = torch.randint(-1, 2, (12, 5), generator=torch.Generator().manual_seed(1))
     assert torch.equal(official.unpack_hqq_2bit(_hqq_pack(trits)), trits.to(torch.int8))
+
+
+def test_weights_missing_tensors_are_named_in_one_line(tmp_path, monkeypatch):
+    """Issue 30: a folder whose weights lack expected tensors ended in a KeyError traceback (sample.py, pack.py)."""
+    _official_folder(tmp_path)
+    monkeypatch.setitem(model_lib.SIZES, "test", dict(dim=64, depth=2, n_heads=2))
+    monkeypatch.setitem(official.REFERENCE_MODELS, "DiT_Llama_tiny_patch2", "test")
+    weights = tmp_path / official.REFERENCE_WEIGHTS
+    state = torch.load(weights, weights_only=True)
+    for k in ("y_embedder.embedding_table.weight", "layers.1.feed_forward.w2.weight"):
+        del state[k]
+    torch.save(state, weights)
+    for load in (lambda: pack.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "m.tdit")]),
+                 lambda: sample.main(["--ckpt", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "s.png")])):
+        with pytest.raises(ValueError) as err:
+            load()
+        msg = str(err.value)
+        assert "its weights lack 2 of DiT_Llama_tiny_patch2's tensors" in msg and len(msg.splitlines()) == 1
+        assert "y_embedder.embedding_table.weight" in msg and "layers.1.feed_forward.w2.weight" in msg
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".tdit", ".tdit3", ".png"))]

@@ -7,6 +7,7 @@ bit-exactly, the CLI packs train.py checkpoints, and broken or older files fail 
 
 import os
 import struct
+import threading
 from dataclasses import asdict
 
 import numpy as np
@@ -128,9 +129,9 @@ def test_wrong_magic(packed, tmp_path):
         pack.read_packed(_corrupted(packed[1], tmp_path, edit))
 
 
-@pytest.mark.parametrize("version", [1, 99])
+@pytest.mark.parametrize("version", pack.OLDER_VERSIONS)
 def test_other_version_refused_with_one_line(packed, tmp_path, version):
-    """A file of another format version (1: the codes in an older kernel's tile order) is refused before anything
+    """A file of an older format version (1: the codes in an older kernel's tile order) is refused before anything
     else is read, with one line naming its version and the command that regenerates it."""
     def edit(d):
         d[4:8] = struct.pack("<I", version)
@@ -141,6 +142,18 @@ def test_other_version_refused_with_one_line(packed, tmp_path, version):
     msg = str(err.value)
     assert f"format version {version}" in msg and len(msg.splitlines()) == 1
     assert f"regenerate it with `python pack.py --ckpt <training checkpoint> --out {bad}`" in msg
+
+
+@pytest.mark.parametrize("version", [0, 3, 257])
+def test_a_version_that_never_existed_is_a_corrupt_header(packed, tmp_path, version):
+    """Issue 30: a flipped bit in the version field (257 = 1 + 256) said "format version 257", as if the file were
+    merely of another version."""
+    def edit(d):
+        d[4:8] = struct.pack("<I", version)
+        return d
+    with pytest.raises(ValueError) as err:
+        pack.read_packed(_corrupted(packed[1], tmp_path, edit))
+    assert "bad.tdit is corrupt or not a .tdit file" in str(err.value) and len(str(err.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize("where", ["data", "index"])
@@ -190,6 +203,92 @@ def test_write_is_atomic(packed, tmp_path, monkeypatch):
     def full_disk(fd):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="disk full"):
         pack.write_packed(path, asdict(ema.config), 2, pack.encode(ema), trits_per_byte=5)
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.tdit"]
+
+
+def test_out_naming_a_tdit3_writes_the_same_pair(tmp_path):
+    """Issue 30: --out m.tdit3 (repacking a .tdit3) wrote 2-bit codes into m.tdit3 and base 3 into m.tdit3.tdit3."""
+    checkpoint(tmp_path / "ckpt.pt")
+    pack.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "m.tdit3")])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "m.tdit", "m.tdit3"]
+    assert pack.read_header(tmp_path / "m.tdit")["trits_per_byte"] == 4
+    assert pack.read_header(tmp_path / "m.tdit3")["trits_per_byte"] == 5
+
+
+def test_a_failed_write_leaves_the_old_pair_or_no_twin(packed, tmp_path, monkeypatch):
+    """.tdit and .tdit3 are written as a pair or not at all: a write of the twin that fails leaves both old files;
+    a rename of the 2-bit file that fails after its twin's removes the new twin (no mismatched pair)."""
+    ema = packed[0]
+    path, twin = str(tmp_path / "m.tdit"), str(tmp_path / "m.tdit3")
+    pack.write_pair(path, asdict(ema.config), 1, pack.encode(ema))
+    old = open(path, "rb").read(), open(twin, "rb").read()
+    fsync = os.fsync
+
+    def twin_fails(fd):  # the twin is flushed first (its with-block is the inner one)
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(twin):
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", twin_fails)
+    with pytest.raises(OSError, match="disk full"):
+        pack.write_pair(path, asdict(ema.config), 2, pack.encode(ema))
+    assert (open(path, "rb").read(), open(twin, "rb").read()) == old and sorted(os.listdir(tmp_path)) == ["m.tdit", "m.tdit3"]
+    monkeypatch.undo()
+    replace = os.replace
+
+    def rename_fails(src, dst):
+        if dst == path:
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", rename_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        pack.write_pair(path, asdict(ema.config), 3, pack.encode(ema))
+    assert open(path, "rb").read() == old[0] and os.listdir(tmp_path) == ["m.tdit"]
+
+
+def test_two_runs_to_one_out_leave_a_matching_pair(tmp_path, monkeypatch):
+    """Issue 30: two pack.py runs to one --out could interleave their renames and leave a .tdit of one checkpoint
+    beside a .tdit3 of the other. Here the first run to rename a file waits (up to 1 s) after it for the other run
+    to rename both of its own: without the folder lock the other run would, and the pair would not match."""
+    for name, step in (("a.pt", 1), ("b.pt", 2)):
+        checkpoint(tmp_path / name)
+        ckpt = torch.load(tmp_path / name, weights_only=True)
+        torch.save({**ckpt, "step": step}, tmp_path / name)
+    out, replace, order, other_done = str(tmp_path / "m.tdit"), os.replace, [], threading.Event()
+
+    def interleaving_replace(src, dst):
+        me = threading.current_thread().name
+        order.append(me)
+        replace(src, dst)
+        if order[0] == me and order.count(me) == 1:
+            other_done.wait(timeout=1)
+        if order[0] != me and order.count(me) == 2:
+            other_done.set()
+    monkeypatch.setattr(os, "replace", interleaving_replace)
+    runs = [threading.Thread(target=pack.main, args=(["--ckpt", str(tmp_path / n), "--out", out],), name=n)
+            for n in ("a.pt", "b.pt")]
+    for r in runs:
+        r.start()
+    for r in runs:
+        r.join()
+    assert pack.read_header(out)["step"] == pack.read_header(pack.base3_path(out))["step"]
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "b.pt", "m.tdit", "m.tdit3"]
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_and_one_without_a_checksum_packs(tmp_path):
+    """Issue 30: a .pt with one flipped bit in an EMA weight was packed without a word. Checkpoints written
+    before there were checksums (like checkpoint() here) still pack."""
+    import cli
+    checkpoint(tmp_path / "old.pt")
+    pack.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old.tdit")])
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    torch.save({**ckpt, "checksum": cli.checksum(ckpt)}, tmp_path / "new.pt")
+    pack.main(["--ckpt", str(tmp_path / "new.pt"), "--out", str(tmp_path / "new.tdit")])
+    data = bytearray((tmp_path / "new.pt").read_bytes())
+    w = next(iter(ckpt["ema"].values())).numpy().tobytes()
+    data[data.index(w) + 5] ^= 0x10
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="flipped.pt is corrupt: its contents do not match the checksum"):
+        pack.main(["--ckpt", str(tmp_path / "flipped.pt"), "--out", str(tmp_path / "flipped.tdit")])
+    assert not os.path.exists(tmp_path / "flipped.tdit")

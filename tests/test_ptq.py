@@ -5,6 +5,7 @@ with random weights, no training.
 """
 import copy
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -173,3 +174,18 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", common)
     with pytest.raises(ValueError, match="ptq.py quantizes a full-precision model; this checkpoint is ternary"):
         ptq.main()
+
+
+def test_a_full_disk_leaves_no_json_in_place(tmp_path, full_disk):
+    """Issue 30: --out is written whole or not at all: a full disk is one line, and neither a 0-byte JSON nor a
+    temp file is left."""
+    import cli
+    m = tiny_fp()
+    ckpt, out = tmp_path / "fp.pt", tmp_path / "r.json"
+    torch.save({"model": m.state_dict(), "ema": m.state_dict(), "step": 0, "model_config": asdict(m.config)}, ckpt)
+    full_disk(room=10)
+    argv = ["--ckpt", str(ckpt), "--device", "cpu", "--num-calib", "1", "--num-calib-steps", "1", "--num-steps", "1",
+            "--num-samples", "10", "--batch-size", "10", "--quant", "rtn", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: ptq.main(argv))
+    assert e.value.code.startswith(f"error: {out}: disk full after 0 bytes") and sorted(os.listdir(tmp_path)) == ["fp.pt"]

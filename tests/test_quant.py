@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 import pytest
 
-from quant import EPS, TernaryLinear, TernaryLinearFn, TernarySTE, export_ternary, ternarize, ternary_linear_ref
+from quant import (EPS, TernaryLinear, TernaryLinearFn, TernarySTE, export_ternary, fit_alpha, ternarize,
+                   ternary_linear_ref)
 
 
 def test_ternarize_matches_eq1():
@@ -142,3 +143,12 @@ def test_lean_layer_matches_composed_autograd_on_cuda():
         out.append([y, xx.grad, layer.weight.grad, layer.alphas.grad, layer.bias.grad])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fit_alpha_is_the_least_squares_scale():
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * 0.02
+    trits, gamma = ternarize(w)
+    a = fit_alpha(w)
+    err = lambda s: ((w - s * trits) ** 2).sum()
+    assert err(a) < err(a * 1.01) and err(a) < err(a * 0.99) and err(a) < err(gamma)
+    torch.testing.assert_close(a, w.abs()[trits != 0].mean().reshape(1))  # the mean |w| of the kept entries

@@ -146,7 +146,7 @@ def test_fid_samples_npz_resumable_and_independent_of_process_count(ckpt, tmp_pa
     with np.load(out) as f:
         arr = f["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8  # the ADM suite's layout; greyscale as 3 channels
-    assert sorted(os.listdir(out + ".parts")) == ["000000.npy", "000001.npy", "000002.npy"]
+    assert sorted(os.listdir(out + ".parts")) == ["000000.npy", "000001.npy", "000002.npy", "fingerprint.json"]
     os.remove(os.path.join(out + ".parts", "000001.npy"))  # as if killed during batch 1: only it is sampled again
     stamp = os.path.getmtime(os.path.join(out + ".parts", "000000.npy"))
     sample_ddp.main([*args, "--out", out])

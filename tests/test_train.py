@@ -4,10 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
+import types
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import quant
 import train
 from conftest import ROOT
 
@@ -73,7 +77,7 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, image_folder, mon
 def test_nan_loss_stops_without_checkpoint(tmp_path, image_folder, monkeypatch):
     out = str(tmp_path / "run")
     monkeypatch.setattr(train.Diffusion, "training_loss", 
-                        lambda self, model, x, y, t, *rest: model(x, t, y).sum() * float("nan"))
+                        lambda self, model, x, y, t, *rest, **kw: model(x, t, y).sum() * float("nan"))
     with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
         train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "3", "--out-dir", out])
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
@@ -132,3 +136,90 @@ def test_cuda_compiled_training_resumes_exactly_and_tracks_eager(tmp_path, image
     train.main(common + ["--max-steps", "6", "--no-compile", "--out-dir", str(tmp_path / "eager")])
     compiled, eager = losses(str(tmp_path / "straight")), losses(str(tmp_path / "eager"))
     assert all(abs(x - y) < 0.02 * y for x, y in zip(compiled, eager)), (compiled, eager)
+
+
+def test_warm_start_begins_at_the_fp_model_ternarised(tmp_path, image_folder):
+    """--init-from: the first forward pass of the ternary model is the FP checkpoint's EMA model with each ternary
+    layer's weight replaced by fit_alpha(W) · ternarize(W)."""
+    fp_dir = str(tmp_path / "fp")
+    train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "3", "--fp", "--lr", "1e-3",
+                       "--out-dir", fp_dir])
+    fp = states(os.path.join(fp_dir, "ckpt.pt"))
+    cfg = train.TerDiTConfig(**{**fp["model_config"], "ternary": True})
+    init = train.fp_weights(os.path.join(fp_dir, "ckpt.pt"), cfg, "--init-from")
+    args = SimpleNamespace(seed=1, no_compile=True, fsdp=False)
+    warm, ema, _ = train.build_model(cfg, args, torch.device("cpu"), init)
+    by_hand = train.TerDiT(train.TerDiTConfig(**fp["model_config"]))
+    by_hand.load_state_dict(fp["ema"])
+    n_ternary = 0
+    with torch.no_grad():
+        for name, layer in warm.named_modules():
+            if isinstance(layer, quant.TernaryLinear) and layer.ternary:
+                w = by_hand.get_submodule(name).weight
+                w.copy_(quant.fit_alpha(w) * quant.ternarize(w)[0])
+                n_ternary += 1
+    assert n_ternary > 10
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 900]), torch.tensor([0, 1, 3])
+    warm.eval(), ema.eval(), by_hand.eval()  # eval: no random label drops
+    with torch.no_grad():
+        torch.testing.assert_close(warm(x, t, y), by_hand(x, t, y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ema(x, t, y), by_hand(x, t, y), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(warm(x, t, y), train.TerDiT(cfg).eval()(x, t, y), atol=1e-3)  # not a fresh model
+    # a ternary run starts from it and trains; a checkpoint of another model, or a ternary one, is refused
+    train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "2", "--out-dir",
+                       str(tmp_path / "warm"), "--init-from", os.path.join(fp_dir, "ckpt.pt")])
+    with pytest.raises(ValueError, match="has input_size = 16 where this run has 8"):
+        train.main(FAST + ["--data", image_folder, "--image-size", "8", "--max-steps", "1", "--out-dir",
+                           str(tmp_path / "other"), "--init-from", os.path.join(fp_dir, "ckpt.pt")])
+    with pytest.raises(ValueError, match="holds a ternary model"):
+        train.main(FAST + ["--data", image_folder, "--max-steps", "1", "--out-dir", str(tmp_path / "again"),
+                           "--init-from", str(tmp_path / "warm" / "ckpt.pt")])
+    with pytest.raises(ValueError, match="drop --fp"):
+        train.main(FAST + ["--data", image_folder, "--max-steps", "1", "--fp", "--out-dir", str(tmp_path / "fp2"),
+                           "--teacher", os.path.join(fp_dir, "ckpt.pt")])
+    # distillation from the FP model: the run trains, and its first loss is the plain one plus the matching term
+    train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "1", "--out-dir",
+                       str(tmp_path / "plain")])
+    train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "1", "--out-dir",
+                       str(tmp_path / "distilled"), "--teacher", os.path.join(fp_dir, "ckpt.pt")])
+    assert losses(str(tmp_path / "distilled"))[0] > losses(str(tmp_path / "plain"))[0] + 1e-4
+
+
+def test_steps_per_second_leave_the_sample_grids_out(tmp_path, monkeypatch):
+    """Issue 30: the steps/s logged after a sample grid counted the grid's time. Here each grid takes 1000 s of
+    train.py's clock: the rate logged after it stays that of the steps (each far under 100 s), not 1/1000."""
+    clock = [0.0]  # seconds the grids took
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: time.time() + clock[0]))
+    monkeypatch.setattr(train, "sample_grid", lambda *a, **k: clock.__setitem__(0, clock[0] + 1000))
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--global-batch-size", "4", "--max-steps", "2", "--sample-every", "1", "--out-dir", out])
+    rates = [json.loads(line)["steps_per_s"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(rates) == 2 and rates[1] > 0.01, rates
+
+
+def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch):
+    """Issue 30 (item 2): rank 1 of 2 on a machine with one GPU stops before the process group, in one line naming
+    both numbers and the fix (it used to ask for cuda:1 and leave rank 0 hanging)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^torchrun started 2 processes per node but this machine has 1 GPU\(s\): "
+                                         r"use --nproc_per_node=1, or CUDA_VISIBLE_DEVICES= to train on the CPU$"):
+        train.setup_distributed()
+
+
+def test_a_full_disk_under_the_log_is_one_line_naming_it(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    import cli
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(train, "open", lambda *a, **k: Full(), raising=False)  # log.jsonl's append
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: train.main(FAST + ["--global-batch-size", "4", "--max-steps", "1", "--out-dir", out]))
+    assert e.value.code == f"error: {out}/log.jsonl: disk full" and not os.path.exists(os.path.join(out, "lock"))
