@@ -11,6 +11,8 @@ clusters send before preemption or a time limit) end the run after the current s
 code 128 + the signal's number (143, 130, 138). A run directory belongs to one run: <out-dir>/lock.
 The 4.2B model does not fit DDP on 80 GB GPUs (fp32 weights, gradients, Adam and EMA: ~85 GB per GPU); add --fsdp
 to shard them over the GPUs.
+Not in the paper: start the ternary run from a trained full-precision twin (warm-started QAT), and/or distil it:
+    python train.py --fp --out-dir out/fp && python train.py --init-from out/fp/ckpt.pt --teacher out/fp/ckpt.pt
 
 Recipe (DiT and the TerDiT paper): AdamW, lr 1e-4, no weight decay, EMA 0.9999, global batch 256, bf16 autocast
 on GPU, gradient clipping at 2 (Large-DiT), and the learning rate divided by 10 late in training (the paper's
