@@ -136,6 +136,17 @@ def verify(ckpt, path):
                          f"bit or a damaged copy); use another copy or an earlier checkpoint")
 
 
+def load_checkpoint(path, unreadable):
+    """What every loader of a train.py checkpoint calls: torch.load of plain data (weights_only), verified. A file
+    torch cannot read is the ValueError `unreadable` (one line: torch's own text is many lines about pickling)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{unreadable} ({type(e).__name__})") from None
+    verify(ckpt, path)
+    return ckpt
+
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)

@@ -284,11 +284,7 @@ def read_checkpoint(path):
     if is_packed(path):
         raise ValueError(f"{path} is already packed: pack its training checkpoint "
                          "(python pack.py --ckpt <training checkpoint> --out <file>)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__})") from None
-    cli.verify(ckpt, path)
+    ckpt = cli.load_checkpoint(path, f"{path} is not a readable torch checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or "ema" not in ckpt:
         raise ValueError(f"{path} is not a TerDiT training checkpoint (needs 'ema' and 'model_config')")
     if not ckpt["model_config"].get("ternary", False):

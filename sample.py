@@ -61,12 +61,8 @@ def load_model(path, device, act="bf16"):
     if pack.is_packed(path):
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         return deploy.load_packed(path, device, dtype, act)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch's own text here is about pickling and weights_only, not about the file
-        raise ValueError(f"'{path}' cannot be read as a torch checkpoint (truncated, corrupt or another format): "
-                         f"{what}") from None
-    cli.verify(ckpt, path)
+    ckpt = cli.load_checkpoint(path, f"'{path}' cannot be read as a torch checkpoint (truncated, corrupt or another "
+                                     f"format): {what}")
     try:
         model = TerDiT(config_from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])

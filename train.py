@@ -141,14 +141,8 @@ def run_config(args, dataset, vae, ckpt_path, log_path, master_process):
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; train without --resume first")
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            cfg = config_from_dict(ckpt["model_config"])
-        except Exception as e:  # torch's own text is many lines about pickling: the exception's name says enough
-            raise ValueError(f"cannot resume from {ckpt_path}: not a readable train.py checkpoint "
-                             f"({type(e).__name__}); resume from another copy, or train without --resume into "
-                             f"another --out-dir") from None
-        cli.verify(ckpt, ckpt_path)
+        ckpt, cfg = read_run(ckpt_path, f"cannot resume from {ckpt_path} (resume from another copy, or train without "
+                                        f"--resume into another --out-dir): not a readable train.py checkpoint")
         if ckpt["step"] >= args.max_steps:
             raise ValueError(f"--resume: {ckpt_path} is at step {ckpt['step']} and --max-steps is {args.max_steps}: "
                              f"nothing to do; pass a larger --max-steps to train on")
@@ -199,16 +193,22 @@ def batch_split(args, world):
     return micro, G // world // micro
 
 
+def read_run(path, unreadable):
+    """(checkpoint, model config) of a train.py checkpoint, checksum verified; anything else is the ValueError
+    `unreadable` (one line)."""
+    ckpt = cli.load_checkpoint(path, unreadable)
+    try:
+        return ckpt, config_from_dict(ckpt["model_config"])
+    except Exception as e:
+        raise ValueError(f"{unreadable} ({type(e).__name__})") from None
+
+
 def fp_weights(path, cfg, flag):
     """The EMA weights of a full-precision train.py checkpoint of the model cfg describes (--init-from, --teacher)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        theirs = asdict(config_from_dict(ckpt["model_config"]))
-    except Exception as e:
-        raise ValueError(f"{flag} {path} is not a readable train.py checkpoint ({type(e).__name__})") from None
-    cli.verify(ckpt, path)
+    ckpt, theirs = read_run(path, f"{flag} {path} is not a readable train.py checkpoint")
+    theirs = asdict(theirs)
     if theirs["ternary"]:
         raise ValueError(f"{flag} {path} holds a ternary model: give a full-precision one (trained with --fp)")
     for k, v in asdict(cfg).items():
@@ -446,7 +446,8 @@ def train(args, stop_signal):
     if args.fp and (args.init_from or args.teacher):
         raise ValueError("--init-from and --teacher start or guide a ternary run from a full-precision one: drop --fp")
     init = fp_weights(args.init_from, cfg, "--init-from") if args.init_from and not args.resume else None
-    teacher = fp_weights(args.teacher, cfg, "--teacher") if args.teacher else None
+    teacher = init if init is not None and args.teacher == args.init_from else \
+        fp_weights(args.teacher, cfg, "--teacher") if args.teacher else None  # one read where both name one file
     raw_model, ema, compiled = build_model(cfg, args, device, init)
     if teacher is not None:
         teacher = build_teacher(teacher, cfg, device, compiled)
