@@ -31,6 +31,7 @@ import data
 import quant
 import sample
 from diffusion import Diffusion
+from model import TerDiT
 
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "fmnist_classifier.pt")
 
@@ -272,8 +273,9 @@ def main(argv=None):
     if not args.ckpt:
         return None if args.train_classifier else p.error("pass --ckpt (or --train-classifier)")
     model = sample.load_model(args.ckpt, args.device, args.act)
+    params = sum(p.numel() for p in TerDiT(model.config, device="meta").parameters())  # packed or not
     result = dict(ckpt=args.ckpt, ckpt_bytes=os.path.getsize(args.ckpt), ternary=model.config.ternary, ptq=args.ptq,
-                  act=args.act)
+                  act=args.act, params=params)
     if args.ptq:
         ptq_ternary(model)
     if args.adaln_stats:

@@ -1,9 +1,11 @@
 """
 Training-loss curves of one or more runs, from their log.jsonl files (written by train.py), as one PNG; or the
-2-bit kernel's speed-up over cuBLAS per layer shape, from a `bench.py --what kernels` JSON.
+2-bit kernel's speed-up over cuBLAS per layer shape, from a `bench.py --what kernels` JSON; or the size study:
+accuracy, FD and final loss against parameters, ternary and full precision, from evaluate.py JSONs and the runs' logs.
 
     python plot.py --logs out/ternary/log.jsonl out/fp/log.jsonl --labels ternary fp --out assets/loss.png
     python plot.py --kernels bench_results/kernels_h200.json --out results/kernel_speedup.png
+    python plot.py --study results/study/eval_*.json --logs results/study/log_*.jsonl --out results/size_study.png
 
 Each curve is a centred moving median (--smooth log points) over the faint raw losses. matplotlib is needed
 by this script only (pip install matplotlib); nothing else in the repository imports it.
@@ -12,7 +14,8 @@ by this script only (pip install matplotlib); nothing else in the repository imp
 import argparse
 import json
 import os
-import sys
+
+import cli
 
 
 def read_log(path):
@@ -35,6 +38,19 @@ def smooth(v, k):
     return [sorted(v[i - h[i]: i + h[i] + 1])[h[i]] for i in range(len(v))]
 
 
+def plot_logs(ax, logs, labels, k, logy):
+    """One training-loss curve per log: the smoothed line over the faint raw losses."""
+    for path, label in zip(logs, labels):
+        steps, losses = read_log(path)
+        if not steps:
+            raise ValueError(f"no loss records in {path}")
+        line, = ax.plot(steps, smooth(losses, k), label=label, linewidth=1.5)
+        ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
+    ax.set(xlabel="step", ylabel="training loss", yscale="log" if logy else "linear")
+    ax.set_title(f"training loss, centred moving median over {k} log points")
+    ax.legend()
+
+
 def plot_kernels(ax, path):
     """Speed-up (cuBLAS time / ternary time) against the token count M, one line per layer shape."""
     with open(path) as f:
@@ -54,46 +70,77 @@ def plot_kernels(ax, path):
     ax.legend(fontsize=7, ncol=2)
 
 
+def final_loss(path, n=10):
+    """Median of the last n logged losses: one number per run, steadier than the last log line."""
+    losses = read_log(path)[1][-n:]
+    return sorted(losses)[len(losses) // 2]
+
+
+def plot_study(axes, evals, logs):
+    """Accuracy, FD and final loss against parameters, one line for ternary and one for full precision (the mean
+    over seeds; each seed a dot). Run i's log is logs[i], in the order of the evaluate.py JSONs."""
+    runs = {}  # (kind, params) -> [(accuracy, fd, final loss) per seed]
+    for path, log in zip(evals, logs):
+        with open(path) as f:
+            r = json.load(f)
+        if "params" not in r or "fd" not in r:
+            raise ValueError(f"{path} is not an evaluate.py sampling result with a parameter count: rerun evaluate.py")
+        runs.setdefault(("ternary" if r["ternary"] else "full precision", r["params"]), []).append(
+            (r["accuracy"], r["fd"], final_loss(log)))
+    mean = {key: [sum(v) / len(v) for v in zip(*vs)] for key, vs in runs.items()}
+    for i, (ax, name) in enumerate(zip(axes, ("accuracy", "FD (lower is better)", "final training loss"))):
+        for kind in ("ternary", "full precision"):
+            sizes = sorted(p for k, p in runs if k == kind)
+            if sizes:
+                line, = ax.plot(sizes, [mean[kind, p][i] for p in sizes], marker="o", label=kind)
+                for p in sizes:
+                    ax.scatter([p] * len(runs[kind, p]), [v[i] for v in runs[kind, p]], color=line.get_color(), s=12)
+        ax.set(xscale="log", xlabel="parameters", title=name)
+        ax.grid(alpha=0.3)
+    ratio = [f"{p / 1e6:.1f}M {mean['ternary', p][1] / mean['full precision', p][1]:.2f}"
+             for k, p in sorted(runs) if k == "ternary" and ("full precision", p) in runs]
+    axes[1].set_title("FD; ternary / FP: " + ", ".join(ratio), fontsize=9)
+    axes[0].legend()
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot training-loss curves from train.py's log.jsonl files.")
+    p = argparse.ArgumentParser(description="Plot loss curves, kernel speed-ups or the size study.")
     p.add_argument("--logs", nargs="+", default=None, help="log.jsonl files, one curve each")
     p.add_argument("--kernels", default=None, help="instead: a bench.py --what kernels JSON, speed-up per shape")
+    p.add_argument("--study", nargs="+", default=None,
+                   help="instead: evaluate.py JSONs of the size study (with --logs, the runs' logs in the same order)")
     p.add_argument("--labels", nargs="+", default=None, help="curve labels (default: each log's folder name)")
     p.add_argument("--smooth", type=int, default=20, help="smoothing window, in log points")
     p.add_argument("--logy", action="store_true", help="log-scale loss axis")
     p.add_argument("--out", default="assets/loss.png", help="output PNG")
     args = p.parse_args(argv)
-    if bool(args.logs) == bool(args.kernels):
-        sys.exit("error: give --logs (loss curves) or --kernels (kernel speed-ups), one of the two")
+    if bool(args.logs or args.study) == bool(args.kernels):
+        raise ValueError("give --logs (loss curves), --study with --logs (size study) or --kernels (kernel speed-ups)")
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(f))) for f in args.logs or []]
     if args.logs and len(labels) != len(args.logs):
-        sys.exit(f"error: {len(args.logs)} --logs but {len(labels)} --labels")
+        raise ValueError(f"{len(args.logs)} --logs but {len(labels)} --labels")
+    if args.study and len(args.study) != len(args.logs or []):
+        raise ValueError(f"{len(args.study)} --study results but {len(args.logs or [])} --logs: give each run's log")
+    cli.check_output(args.out, (args.logs or []) + (args.study or []) + [args.kernels or ""])
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("error: plot.py needs matplotlib (an optional dependency): pip install matplotlib")
+        raise ImportError("plot.py needs matplotlib (an optional dependency): pip install matplotlib") from None
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    if args.kernels:
-        plot_kernels(ax, args.kernels)
-    for path, label in zip(args.logs or [], labels):
-        steps, losses = read_log(path)
-        if not steps:
-            sys.exit(f"error: no loss records in '{path}'")
-        line, = ax.plot(steps, smooth(losses, args.smooth), label=label, linewidth=1.5)
-        ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
-    if args.logs:
-        ax.set(xlabel="step", ylabel="training loss", yscale="log" if args.logy else "linear")
-        ax.set_title(f"training loss, centred moving median over {args.smooth} log points")
-        ax.legend()
-    ax.grid(alpha=0.3)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.study:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=120)
+        plot_study(axes, args.study, args.logs)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        plot_kernels(ax, args.kernels) if args.kernels else plot_logs(ax, args.logs, labels, args.smooth, args.logy)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out)
+    with cli.atomic_write(args.out) as f:  # a crash leaves no torn PNG
+        fig.savefig(f, format="png")
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

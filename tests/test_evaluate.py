@@ -131,6 +131,7 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     evaluate.main()
     r = json.loads(out.read_text())
     assert r["ptq"] and 0 <= r["accuracy"] <= 1 and r["fd"] > 0 and r["ckpt_bytes"] == os.path.getsize(ckpt)
+    assert r["params"] == sum(p.numel() for p in m.parameters())
     monkeypatch.setattr(sys, "argv", common + ["--adaln-stats", "--num-samples", "10"])
     evaluate.main()
     assert len(json.loads(out.read_text())["adaln_stats"]) == 5 * len(m.layers)
@@ -149,6 +150,7 @@ def test_cli_act_fp8_on_a_packed_model_only(tmp_path, monkeypatch):
     evaluate.main()
     r = json.loads(out.read_text())
     assert r["act"] == "fp8" and 0 <= r["accuracy"] <= 1 and r["fd"] > 0
+    assert r["params"] == sum(p.numel() for p in m.parameters())  # the packed model counted as trained
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", str(ckpt), *args])
     with pytest.raises(ValueError, match=r"need a packed model .*`python pack.py --ckpt .* --out model.tdit`"):
         evaluate.main()

@@ -1,4 +1,4 @@
-"""plot.py: loss curves and the kernel speed-up plot are drawn (skipped without matplotlib, an optional dependency).
+"""plot.py: loss curves, the kernel speed-up plot and the size study are drawn (skipped without matplotlib, an optional dependency).
 Run: python -m pytest tests/test_plot.py -v"""
 import json
 import os
@@ -28,5 +28,26 @@ def test_kernel_plot_and_one_of_the_two_modes(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 30)))
     plot.main(["--logs", str(log), "--out", out])
-    with pytest.raises(SystemExit, match="one of the two"):
+    with pytest.raises(ValueError, match="give --logs"):
         plot.main(["--out", out])
+    with pytest.raises(ValueError, match="is the input"):
+        plot.main(["--logs", str(log), "--out", str(log)])
+
+
+def test_study_plot_reads_evaluate_results_and_logs(tmp_path):
+    pytest.importorskip("matplotlib")
+    evals, logs = [], []
+    for i, (ternary, params, fd) in enumerate([(True, 4e6, 14.0), (False, 4e6, 8.0), (True, 3e7, 9.0), (False, 3e7, 7.5)]):
+        (tmp_path / f"e{i}.json").write_text(json.dumps(dict(ternary=ternary, params=params, accuracy=0.8, fd=fd)))
+        (tmp_path / f"l{i}.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 30)))
+        evals.append(str(tmp_path / f"e{i}.json"))
+        logs.append(str(tmp_path / f"l{i}.jsonl"))
+    out = str(tmp_path / "s.png")
+    plot.main(["--study", *evals, "--logs", *logs, "--out", out])
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert plot.final_loss(logs[0]) == sorted(1.0 / s for s in range(20, 30))[5]
+    with pytest.raises(ValueError, match="give each run's log"):
+        plot.main(["--study", *evals, "--logs", logs[0], "--out", out])
+    (tmp_path / "e0.json").write_text(json.dumps(dict(ternary=True, accuracy=0.8, fd=1.0)))
+    with pytest.raises(ValueError, match="parameter count"):
+        plot.main(["--study", *evals, "--logs", *logs, "--out", out])
