@@ -34,13 +34,14 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 
+import cli  # before torch: a Ctrl-C while the imports below load ends in one line (cli.py)
+
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
-import cli
 import deploy
 import fast
 import kernel

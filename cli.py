@@ -8,13 +8,20 @@ cluster sends before it preempts a job, and the wrapper that turns a bad input o
     python -c "import cli; print(cli.number(int, 1, what='a positive integer')('8'))"
 """
 
-import argparse
-import errno
-import math
 import os
 import signal
-import socket
 import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(os.path.abspath(getattr(sys.modules["__main__"], "__file__", "/"))) == HERE:
+    # One of this folder's scripts is starting: a Ctrl-C during its slow imports (torch, CuPy) is one line and exit
+    # 130 too, not an import traceback. run() gives Ctrl-C back to Python before main() starts.
+    signal.signal(signal.SIGINT, lambda *_: (print("interrupted", file=sys.stderr), os._exit(130)))
+
+import argparse  # noqa: E402 (after the handler: these take time too)
+import errno
+import math
+import socket
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -268,6 +275,7 @@ def run(main):
     """Call main() as a script's entry point: a bad input (missing or existing file, bad value, missing package),
     an error of the system (disk full, I/O) or a diverged run ends with one "error: ..." line and exit code 1,
     Ctrl-C with one line and 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own again (see the handler at the top)
     try:
         main()
     except (OSError, ValueError, FloatingPointError, ImportError) as e:

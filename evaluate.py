@@ -22,11 +22,12 @@ import json
 import os
 import time
 
+import cli  # before torch: a Ctrl-C while the imports below load ends in one line (cli.py)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
 import data
 import quant
 import sample

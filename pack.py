@@ -57,10 +57,11 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import asdict
 
+import cli  # before torch: a Ctrl-C while the imports below load ends in one line (cli.py)
+
 import numpy as np
 import torch
 
-import cli
 import kernel
 import official
 from model import TerDiT, config_from_dict

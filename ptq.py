@@ -57,11 +57,12 @@ import argparse
 import json
 import time
 
+import cli  # before torch: a Ctrl-C while the imports below load ends in one line (cli.py)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
 import evaluate
 import sample
 

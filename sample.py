@@ -27,10 +27,11 @@ import os
 import time
 from contextlib import nullcontext
 
+import cli  # before torch: a Ctrl-C while the imports below load ends in one line (cli.py)
+
 import torch
 import torch.nn.functional as F
 
-import cli
 import data
 import deploy
 import official

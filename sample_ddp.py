@@ -20,11 +20,12 @@ import hashlib
 import json
 import os
 
+import cli  # before torch: a Ctrl-C while the imports below load ends in one line (cli.py)
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
-import cli
 import sample
 
 

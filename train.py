@@ -36,6 +36,8 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
+import cli  # before torch: a Ctrl-C while the imports below load ends in one line (cli.py)
+
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -43,7 +45,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cli
 import data
 import sample
 from diffusion import Diffusion

@@ -79,6 +79,26 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert run(KeyboardInterrupt()) == 130 and capsys.readouterr().err == "interrupted\n"
 
 
+@pytest.mark.parametrize("phase", ["imports", "main"])
+def test_ctrl_c_while_a_script_still_imports_is_one_line_too(tmp_path, phase):
+    """The handler is for this folder's scripts only (cli.py beside the script): a copy of cli.py beside a script
+    that signals, then sleeps where the slow imports would be (or in main, after cli.run gave Ctrl-C back)."""
+    import shutil
+    import signal
+    shutil.copy(os.path.join(ROOT, "cli.py"), tmp_path / "cli.py")
+    wait = "print('ready', flush=True)\nimport time\ntime.sleep(60)"
+    body = (f"import cli\n{wait}\n" if phase == "imports" else
+            f"import cli\n\ndef main():\n    " + wait.replace("\n", "\n    ") + "\n\ncli.run(main)\n")
+    (tmp_path / "script.py").write_text(body)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "script.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "interrupted\n", err
+    assert getattr(signal.getsignal(signal.SIGINT), "__name__", "") != "<lambda>"  # not installed by pytest's import
+
+
 def test_a_script_exits_1_with_one_line_and_a_bug_keeps_its_traceback(tmp_path):
     path = tmp_path / "script.py"
     for body, code, last in (("raise ValueError('bad value')", 1, "error: bad value"),
