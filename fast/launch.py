@@ -41,11 +41,12 @@ def gpu(device):
 
 
 def choose(M, N, K, device, fp8=False):
-    """(tile, cluster split) for a problem on a CUDA device: its GPU's tuned table, else the rules."""
+    """(tile, cluster split) for a problem on a CUDA device: its GPU's tuned table (or a stand-in's), else the rules."""
     g = gpu(device)
+    tuned_on = tiles.stand_in(g.name, g.sms, g.wgmma)
     if fp8:
-        return tiles.pick8(M, N, K, g.sms, tiles.tuned(g.name, "fp8"))
-    return tiles.pick(M, N, K, g.sms, g.wgmma, tiles.tuned(g.name, "bf16"))
+        return tiles.pick8(M, N, K, g.sms, tiles.tuned(tuned_on, "fp8"))
+    return tiles.pick(M, N, K, g.sms, g.wgmma, tiles.tuned(tuned_on, "bf16"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,9 +12,11 @@ apart, its K split). What each kernel does and what bounds it: docs/kernel.md.
 """
 
 import functools
+import glob
 import json
 import os
 import re
+import sys
 
 import cli
 
@@ -110,9 +112,10 @@ def gemv_smem(name, M, kcz):
 
 # -----------------------------------------------------------------------------
 # the tuned tables: fast/tuned/<GPU name>.json, one per GPU model, written by `bench.py --sweep` on that GPU:
-#   {"gpu": name, "bf16": {"sweeps": [{"date", "commit", "command"}, ...], "shapes": {"<K>x<N>": {"<M>": [tile, CS]}}},
+#   {"gpu": name, "sms": multiprocessors, "wgmma": Hopper or not, "bf16": {"sweeps": [{"date", "commit", "command"}, ...], "shapes": {"<K>x<N>": {"<M>": [tile, CS]}}},
 #    "fp8": the same for fp8 activations (wgmm8 tiles)}
-# A problem uses its shape's entry of the smallest tuned M >= its M (else of the largest M).
+# A problem uses its shape's entry of the smallest tuned M >= its M (else of the largest M). A GPU with no table of
+# its own uses that of a tuned GPU of the same kind (stand_in).
 
 TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
@@ -141,14 +144,33 @@ def tuned(gpu, act="bf16"):
     return table
 
 
-def save_tuned(gpu, act, found, sweep):
+@functools.lru_cache(maxsize=None)
+def stand_in(gpu, sms, wgmma):
+    """The GPU whose tuned table gpu uses: its own; else, said once, a tuned GPU of the same kind (as many SMs, and
+    wgmma or not: a tile's waves and tail fall the same). On an H100 (132 SMs) the H200's table ran the 4.2B packed
+    step 1.10x faster than the rules (docs/results.md). Else gpu itself, whose missing table means the rules."""
+    if os.path.exists(tuned_path(gpu)):
+        return gpu
+    for path in sorted(glob.glob(os.path.join(TUNED_DIR, "*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        if (data.get("sms"), data.get("wgmma")) == (sms, wgmma):
+            print(f"fast: no tuned table for {gpu}; using the {data['gpu']}'s ({sms} SMs{', wgmma' if wgmma else ''}"
+                  f"); `python bench.py --what kernels --sweep` tunes for this GPU", file=sys.stderr)
+            return data["gpu"]
+    return gpu
+
+
+def save_tuned(gpu, act, found, sweep, sms, wgmma):
     """Merge found {(K, N): {M: (tile, CS)}} into fast/tuned/<gpu>.json for act (entries swept replace theirs),
-    record sweep ({"date", "commit", "command"}), write the file atomically; returns its path."""
+    record sweep ({"date", "commit", "command"}) and the GPU's kind (sms, wgmma: which GPUs may stand in for it),
+    write the file atomically; returns its path."""
     path = tuned_path(gpu)
     data = {"gpu": gpu}
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
+    data.update(sms=sms, wgmma=wgmma)
     table = data.setdefault(act, {"sweeps": [], "shapes": {}})
     table["sweeps"].append(sweep)
     for (K, N), by_m in found.items():
@@ -158,12 +180,14 @@ def save_tuned(gpu, act, found, sweep):
     with cli.atomic_write(path) as f:
         f.write(dump_tuned(data).encode())
     tuned.cache_clear()
+    stand_in.cache_clear()
     return path
 
 
 def dump_tuned(data):
     """The JSON text of a tuned file, one line per shape (diffs show which rows a sweep changed)."""
-    out = ["{", f'  "gpu": {json.dumps(data["gpu"])},']
+    out = ["{", f'  "gpu": {json.dumps(data["gpu"])}, "sms": {json.dumps(data.get("sms"))}, '
+                f'"wgmma": {json.dumps(data.get("wgmma"))},']
     acts = [a for a in ("bf16", "fp8") if a in data]
     for i, act in enumerate(acts):
         t = data[act]

@@ -205,15 +205,31 @@ def test_dispatch_reads_the_table_of_the_gpu_it_runs_on(monkeypatch):
     assert fast.choose(30, 3072, 3072, 0) == tuple(data["bf16"]["shapes"]["3072x3072"]["64"])
     assert fast.choose(300, 3072, 3072, 0, fp8=True) == tuple(data["fp8"]["shapes"]["3072x3072"]["512"])
     assert fast.choose(5, 100, 1100, 0) == tiles.pick(5, 100, 1100, 132, True)  # a shape it lacks
-    monkeypatch.setattr(fast.launch, "gpu", lambda device: fast.launch.GPU(132, True, 232448, "A Hopper GPU"))
-    assert tiles.tuned("A Hopper GPU") == {}  # no table measured on it: the rules
-    for M, N, K in [(1, 18432, 1024), (16, 18432, 1024), (30, 3072, 3072), (512, 9216, 3072)]:
-        assert fast.choose(M, N, K, 0) == tiles.pick(M, N, K, 132, True)
-        assert fast.choose(M, N, K, 0, fp8=True) == tiles.pick8(M, N, K, 132)
-    monkeypatch.setattr(fast.launch, "gpu", lambda device: fast.launch.GPU(108, False, 166912, "Some GPU/x 1"))
+    monkeypatch.setattr(fast.launch, "gpu", lambda device: fast.launch.GPU(114, True, 232448, "A Hopper GPU"))
+    assert tiles.tuned("A Hopper GPU") == {} and tiles.stand_in("A Hopper GPU", 114, True) == "A Hopper GPU"
+    for M, N, K in [(1, 18432, 1024), (16, 18432, 1024), (30, 3072, 3072), (512, 9216, 3072)]:  # no table: rules
+        assert fast.choose(M, N, K, 0) == tiles.pick(M, N, K, 114, True)
+        assert fast.choose(M, N, K, 0, fp8=True) == tiles.pick8(M, N, K, 114)
+    monkeypatch.setattr(fast.launch, "gpu", lambda device: fast.launch.GPU(132, False, 166912, "Some GPU/x 1"))
     assert tiles.tuned_path("Some GPU/x 1").endswith("Some_GPU_x_1.json")
-    assert fast.choose(16, 18432, 1024, 0) == tiles.pick(16, 18432, 1024, 108, False)
+    assert fast.choose(16, 18432, 1024, 0) == tiles.pick(16, 18432, 1024, 132, False)  # 132 SMs, but no wgmma
     assert fast.choose(600, 3072, 3072, 0) == ("dequant", 1)
+
+
+def test_a_gpu_without_a_table_uses_that_of_one_of_the_same_kind_and_says_so(monkeypatch, capsys):
+    """An H100 SXM (132 SMs, wgmma) runs the H200's table, said once on stderr; the table's GPU records its kind."""
+    tiles.stand_in.cache_clear()
+    monkeypatch.setattr(fast.launch, "gpu", lambda device: fast.launch.GPU(132, True, 232448, "NVIDIA H100 80GB HBM3"))
+    with open(tiles.tuned_path("NVIDIA H200")) as f:
+        data = json.load(f)
+    assert (data["sms"], data["wgmma"]) == (132, True)
+    for M, N, K in [(1, 18432, 1024), (16, 18432, 1024), (30, 3072, 3072), (512, 9216, 3072)]:
+        assert fast.choose(M, N, K, 0) == tiles.pick(M, N, K, 132, True, tiles.tuned("NVIDIA H200"))
+        assert fast.choose(M, N, K, 0, fp8=True) == tiles.pick8(M, N, K, 132, tiles.tuned("NVIDIA H200", "fp8"))
+    assert fast.choose(1, 18432, 1024, 0) == tuple(data["bf16"]["shapes"]["1024x18432"]["1"])
+    err = capsys.readouterr().err
+    assert err.count("no tuned table for NVIDIA H100 80GB HBM3; using the NVIDIA H200's") == 1, err
+    tiles.stand_in.cache_clear()
 
 
 def test_sweep_results_merge_into_the_gpu_file(tmp_path, monkeypatch):
@@ -222,14 +238,15 @@ def test_sweep_results_merge_into_the_gpu_file(tmp_path, monkeypatch):
     monkeypatch.setattr(tiles, "TUNED_DIR", str(tmp_path))
     tiles.tuned.cache_clear()
     sweep = {"date": "2026-12-01", "commit": "abc1234", "command": "python bench.py --what kernels --sweep"}
-    path = tiles.save_tuned("Test GPU", "bf16", {(128, 64): {1: ("v1x8m1c1", 1), 64: ("k32", 2)}}, sweep)
+    path = tiles.save_tuned("Test GPU", "bf16", {(128, 64): {1: ("v1x8m1c1", 1), 64: ("k32", 2)}}, sweep, 78, True)
     assert path == str(tmp_path / "Test_GPU.json")
-    tiles.save_tuned("Test GPU", "bf16", {(128, 64): {64: ("m64", 1)}, (256, 32): {8: ("s32", 1)}}, sweep)
-    tiles.save_tuned("Test GPU", "fp8", {(128, 64): {64: ("f64", 2)}}, sweep)
+    tiles.save_tuned("Test GPU", "bf16", {(128, 64): {64: ("m64", 1)}, (256, 32): {8: ("s32", 1)}}, sweep, 78, True)
+    tiles.save_tuned("Test GPU", "fp8", {(128, 64): {64: ("f64", 2)}}, sweep, 78, True)
     assert tiles.tuned("Test GPU") == {(128, 64): {1: ("v1x8m1c1", 1), 64: ("m64", 1)}, (256, 32): {8: ("s32", 1)}}
     assert tiles.tuned("Test GPU", "fp8") == {(128, 64): {64: ("f64", 2)}}
     data = json.loads((tmp_path / "Test_GPU.json").read_text())
     assert data["gpu"] == "Test GPU" and len(data["bf16"]["sweeps"]) == 2 and data["bf16"]["sweeps"][0] == sweep
+    assert (data["sms"], data["wgmma"]) == (78, True) and tiles.stand_in("Another GPU", 78, True) == "Test GPU"
     assert not list(tmp_path.glob("*.tmp"))
     data["bf16"]["shapes"]["128x64"]["1"] = ["nonesuch", 1]
     (tmp_path / "Test_GPU.json").write_text(json.dumps(data))
@@ -237,6 +254,7 @@ def test_sweep_results_merge_into_the_gpu_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown tiles"):
         tiles.tuned("Test GPU")
     tiles.tuned.cache_clear()
+    tiles.stand_in.cache_clear()
 
 
 def test_launches_split_a_part_filled_last_wave():
