@@ -25,7 +25,7 @@ import train
 from conftest import ROOT
 
 FAST = ["--size", "tiny", "--image-size", "16", "--global-batch-size", "4", "--log-every", "1", "--sample-every", "0",
-        "--num-workers", "0"]
+        "--num-workers", "0", "--no-compile"]  # eager on a GPU too: the suite stays quick there
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,7 +15,8 @@ import quant
 import train
 from conftest import ROOT
 
-FAST = ["--size", "tiny", "--image-size", "16", "--log-every", "1", "--sample-every", "0", "--num-workers", "0"]
+FAST = ["--size", "tiny", "--image-size", "16", "--log-every", "1", "--sample-every", "0", "--num-workers", "0",
+        "--no-compile"]  # eager on a GPU too (a compile per run would take minutes); one test below compiles
 
 
 def states(path):
@@ -124,8 +125,8 @@ def test_fsdp_needs_torchrun(tmp_path):
 def test_cuda_compiled_training_resumes_exactly_and_tracks_eager(tmp_path, image_folder):
     """On a GPU train.py compiles the blocks: a stopped and resumed compiled run ends exactly where a straight one
     does, and its losses follow the eager run's (bf16: the fused kernels round differently, so not bit-equal)."""
-    common = FAST + ["--data", image_folder, "--global-batch-size", "8", "--ckpt-every", "3", "--lr", "1e-3",
-                     "--lr-drop", "1"]
+    common = [a for a in FAST if a != "--no-compile"] + ["--data", image_folder, "--global-batch-size", "8",
+                                                         "--ckpt-every", "3", "--lr", "1e-3", "--lr-drop", "1"]
     train.main(common + ["--max-steps", "6", "--out-dir", str(tmp_path / "straight")])
     half = str(tmp_path / "halves")
     train.main(common + ["--max-steps", "3", "--out-dir", half])
