@@ -711,7 +711,7 @@ def main(argv=None):
         results.update(kernels=rows, sweep=log)
         if args.sweep and found:
             sweep = {k: prov[k] for k in ("date", "commit", "command")}
-            g = fast.launch.gpu(torch.cuda.current_device())
+            g = fast.gpu(torch.cuda.current_device())
             path = tiles.save_tuned(prov["gpu"], args.act, found, sweep, g.sms, g.wgmma)
             print(f"wrote the fastest tiles of {sum(map(len, found.values()))} rows to {path}")
     for what, bench in (("floors", bench_floors), ("model", bench_model), ("load", bench_load), ("train", bench_train)):

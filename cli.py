@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(os.path.abspath(getattr(sys.modules["__main__"], "__file__", "/"))) == HERE:
+if os.path.dirname(os.path.abspath(getattr(sys.modules["__main__"], "__file__", "/"))) == \
+        os.path.dirname(os.path.abspath(__file__)):
     # One of this folder's scripts is starting: a Ctrl-C during its slow imports (torch, CuPy) is one line and exit
     # 130 too, not an import traceback. run() gives Ctrl-C back to Python before main() starts.
     signal.signal(signal.SIGINT, lambda *_: (print("interrupted", file=sys.stderr), os._exit(130)))

@@ -134,7 +134,10 @@ def main(argv=None):
         plot_study(axes, args.study, args.logs)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        plot_kernels(ax, args.kernels) if args.kernels else plot_logs(ax, args.logs, labels, args.smooth, args.logy)
+        if args.kernels:
+            plot_kernels(ax, args.kernels)
+        else:
+            plot_logs(ax, args.logs, labels, args.smooth, args.logy)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     with cli.atomic_write(args.out) as f:  # a crash leaves no torn PNG

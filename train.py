@@ -447,8 +447,10 @@ def train(args, stop_signal):
     if args.fp and (args.init_from or args.teacher):
         raise ValueError("--init-from and --teacher start or guide a ternary run from a full-precision one: drop --fp")
     init = fp_weights(args.init_from, cfg, "--init-from") if args.init_from and not args.resume else None
-    teacher = init if init is not None and args.teacher == args.init_from else \
-        fp_weights(args.teacher, cfg, "--teacher") if args.teacher else None  # one read where both name one file
+    teacher = None
+    if args.teacher:  # read once where --init-from names the same file
+        same = init is not None and args.teacher == args.init_from
+        teacher = init if same else fp_weights(args.teacher, cfg, "--teacher")
     raw_model, ema, compiled = build_model(cfg, args, device, init)
     if teacher is not None:
         teacher = build_teacher(teacher, cfg, device, compiled)

@@ -30,23 +30,23 @@ class GPU(NamedTuple):
     sms: int     # multiprocessors
     wgmma: bool  # Hopper (sm_90): wgmma, and the clusters that split K
     smem: int    # the most dynamic shared memory a CTA may opt in to, bytes
-    name: str    # torch.cuda.get_device_name: which tuned table applies
+    name: str    # the GPU whose tuned table applies: this one (torch.cuda.get_device_name), or one of its kind
 
 
 @functools.lru_cache(maxsize=None)
 def gpu(device):
     """What the dispatch needs to know of a CUDA device index, read once."""
     p = torch.cuda.get_device_properties(device)
-    return GPU(p.multi_processor_count, (p.major, p.minor) == (9, 0), p.shared_memory_per_block_optin, p.name)
+    sms, wgmma = p.multi_processor_count, (p.major, p.minor) == (9, 0)
+    return GPU(sms, wgmma, p.shared_memory_per_block_optin, tiles.stand_in(p.name, sms, wgmma))
 
 
 def choose(M, N, K, device, fp8=False):
-    """(tile, cluster split) for a problem on a CUDA device: its GPU's tuned table (or a stand-in's), else the rules."""
+    """(tile, cluster split) for a problem on a CUDA device: its GPU's tuned table, else the rules."""
     g = gpu(device)
-    tuned_on = tiles.stand_in(g.name, g.sms, g.wgmma)
     if fp8:
-        return tiles.pick8(M, N, K, g.sms, tiles.tuned(tuned_on, "fp8"))
-    return tiles.pick(M, N, K, g.sms, g.wgmma, tiles.tuned(tuned_on, "bf16"))
+        return tiles.pick8(M, N, K, g.sms, tiles.tuned(g.name, "fp8"))
+    return tiles.pick(M, N, K, g.sms, g.wgmma, tiles.tuned(g.name, "bf16"))
 
 
 @functools.lru_cache(maxsize=None)

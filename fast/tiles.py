@@ -144,11 +144,11 @@ def tuned(gpu, act="bf16"):
     return table
 
 
-@functools.lru_cache(maxsize=None)
 def stand_in(gpu, sms, wgmma):
-    """The GPU whose tuned table gpu uses: its own; else, said once, a tuned GPU of the same kind (as many SMs, and
-    wgmma or not: a tile's waves and tail fall the same). On an H100 (132 SMs) the H200's table ran the 4.2B packed
-    step 1.10x faster than the rules (docs/results.md). Else gpu itself, whose missing table means the rules."""
+    """The GPU whose tuned table gpu uses (fast.launch.gpu asks once per device): its own; else, said on stderr, a
+    tuned GPU of the same kind (as many SMs, and wgmma or not: a tile's waves and tail fall the same; on an H100
+    the H200's table ran the 4.2B packed step 1.10x faster than the rules, docs/results.md); else gpu itself,
+    whose missing table means the rules."""
     if os.path.exists(tuned_path(gpu)):
         return gpu
     for path in sorted(glob.glob(os.path.join(TUNED_DIR, "*.json"))):
@@ -180,7 +180,6 @@ def save_tuned(gpu, act, found, sweep, sms, wgmma):
     with cli.atomic_write(path) as f:
         f.write(dump_tuned(data).encode())
     tuned.cache_clear()
-    stand_in.cache_clear()
     return path
 
 

@@ -10,6 +10,7 @@ The CPU part always runs; the GPU part needs CUDA + cupy (and Hopper for the wgm
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -218,18 +219,22 @@ def test_dispatch_reads_the_table_of_the_gpu_it_runs_on(monkeypatch):
 
 def test_a_gpu_without_a_table_uses_that_of_one_of_the_same_kind_and_says_so(monkeypatch, capsys):
     """An H100 SXM (132 SMs, wgmma) runs the H200's table, said once on stderr; the table's GPU records its kind."""
-    tiles.stand_in.cache_clear()
-    monkeypatch.setattr(fast.launch, "gpu", lambda device: fast.launch.GPU(132, True, 232448, "NVIDIA H100 80GB HBM3"))
+    h100 = SimpleNamespace(multi_processor_count=132, major=9, minor=0, shared_memory_per_block_optin=232448,
+                           name="NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
+    fast.launch.gpu.cache_clear()
     with open(tiles.tuned_path("NVIDIA H200")) as f:
         data = json.load(f)
     assert (data["sms"], data["wgmma"]) == (132, True)
-    for M, N, K in [(1, 18432, 1024), (16, 18432, 1024), (30, 3072, 3072), (512, 9216, 3072)]:
-        assert fast.choose(M, N, K, 0) == tiles.pick(M, N, K, 132, True, tiles.tuned("NVIDIA H200"))
-        assert fast.choose(M, N, K, 0, fp8=True) == tiles.pick8(M, N, K, 132, tiles.tuned("NVIDIA H200", "fp8"))
-    assert fast.choose(1, 18432, 1024, 0) == tuple(data["bf16"]["shapes"]["1024x18432"]["1"])
+    try:
+        for M, N, K in [(1, 18432, 1024), (16, 18432, 1024), (30, 3072, 3072), (512, 9216, 3072)]:
+            assert fast.choose(M, N, K, 0) == tiles.pick(M, N, K, 132, True, tiles.tuned("NVIDIA H200"))
+            assert fast.choose(M, N, K, 0, fp8=True) == tiles.pick8(M, N, K, 132, tiles.tuned("NVIDIA H200", "fp8"))
+        assert fast.choose(1, 18432, 1024, 0) == tuple(data["bf16"]["shapes"]["1024x18432"]["1"])
+    finally:
+        fast.launch.gpu.cache_clear()  # the real device's record, for the tests after this one
     err = capsys.readouterr().err
     assert err.count("no tuned table for NVIDIA H100 80GB HBM3; using the NVIDIA H200's") == 1, err
-    tiles.stand_in.cache_clear()
 
 
 def test_sweep_results_merge_into_the_gpu_file(tmp_path, monkeypatch):
@@ -254,7 +259,6 @@ def test_sweep_results_merge_into_the_gpu_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown tiles"):
         tiles.tuned("Test GPU")
     tiles.tuned.cache_clear()
-    tiles.stand_in.cache_clear()
 
 
 def test_launches_split_a_part_filled_last_wave():
