@@ -97,10 +97,21 @@ def plot_study(axes, evals, logs):
                     ax.scatter([p] * len(runs[kind, p]), [v[i] for v in runs[kind, p]], color=line.get_color(), s=12)
         ax.set(xscale="log", xlabel="parameters", title=name)
         ax.grid(alpha=0.3)
-    ratio = [f"{p / 1e6:.1f}M {mean['ternary', p][1] / mean['full precision', p][1]:.2f}"
-             for k, p in sorted(runs) if k == "ternary" and ("full precision", p) in runs]
-    axes[1].set_title("FD; ternary / FP: " + ", ".join(ratio), fontsize=9)
+    ratios = ", ".join(f"{p / 1e6:.1f}M {r:.2f}" for p, r in fd_ratios(mean).items())
+    axes[1].set_title("FD; ternary / FP: " + ratios, fontsize=9)
     axes[0].legend()
+
+
+def fd_ratios(mean):
+    """{ternary parameters: FD(ternary) / FD(FP twin)}. The twin is the FP model within 1% of the ternary one's
+    parameter count: it lacks only the α scales (one per ternary layer)."""
+    fp = [p for kind, p in mean if kind == "full precision"]
+    ratios = {}
+    for p in sorted(p for kind, p in mean if kind == "ternary"):
+        twin = min(fp, key=lambda q: abs(q - p), default=None)
+        if twin is not None and abs(twin - p) < 0.01 * p:
+            ratios[p] = mean["ternary", p][1] / mean["full precision", twin][1]
+    return ratios
 
 
 def main(argv=None):

@@ -37,7 +37,10 @@ def test_kernel_plot_and_one_of_the_two_modes(tmp_path):
 def test_study_plot_reads_evaluate_results_and_logs(tmp_path):
     pytest.importorskip("matplotlib")
     evals, logs = [], []
-    for i, (ternary, params, fd) in enumerate([(True, 4e6, 14.0), (False, 4e6, 8.0), (True, 3e7, 9.0), (False, 3e7, 7.5)]):
+    # the ternary model has one α more per ternary layer than its twin; the 1e8 model has no twin
+    runs = [(True, 4167224, 14.0), (False, 4167176, 8.0), (True, 32484968, 9.0), (False, 32484872, 7.5),
+            (True, 1e8, 5.0)]
+    for i, (ternary, params, fd) in enumerate(runs):
         (tmp_path / f"e{i}.json").write_text(json.dumps(dict(ternary=ternary, params=params, accuracy=0.8, fd=fd)))
         (tmp_path / f"l{i}.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 30)))
         evals.append(str(tmp_path / f"e{i}.json"))
@@ -46,6 +49,8 @@ def test_study_plot_reads_evaluate_results_and_logs(tmp_path):
     plot.main(["--study", *evals, "--logs", *logs, "--out", out])
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     assert plot.final_loss(logs[0]) == sorted(1.0 / s for s in range(20, 30))[5]
+    mean = {("ternary" if t else "full precision", p): (0.8, fd, 0.1) for t, p, fd in runs}
+    assert plot.fd_ratios(mean) == {4167224: 14.0 / 8.0, 32484968: 9.0 / 7.5}
     with pytest.raises(ValueError, match="give each run's log"):
         plot.main(["--study", *evals, "--logs", logs[0], "--out", out])
     (tmp_path / "e0.json").write_text(json.dumps(dict(ternary=True, accuracy=0.8, fd=1.0)))
