@@ -85,7 +85,8 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--log-every", type=positive, default=20, help="steps between log lines")
     p.add_argument("--ckpt-every", type=positive, default=200, help="steps between checkpoints (always one at the end)")
-    p.add_argument("--sample-every", type=nonneg, default=200, help="steps between sample grids (0: only at the end)")
+    p.add_argument("--sample-every", type=nonneg, default=200,
+                   help="steps between sample grids, and one at the end (0: none)")
     p.add_argument("--num-workers", type=nonneg, default=4, help="data loader processes per rank for an ImageFolder (at most one per CPU core)")
     return p.parse_args(argv)
 
@@ -499,7 +500,7 @@ def train(args, stop_signal):
                             ckpt_path, master_process)
         if stopped:
             break
-        if samples and (last or (args.sample_every and step % args.sample_every == 0)):
+        if samples and args.sample_every and (last or step % args.sample_every == 0):
             t = time.time()
             sample_grid(ema, vae, device, os.path.join(args.out_dir, f"samples_{step:07d}.png"), autocast,
                         save=master_process)

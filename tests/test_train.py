@@ -16,7 +16,7 @@ import train
 from conftest import ROOT
 
 FAST = ["--size", "tiny", "--image-size", "16", "--log-every", "1", "--sample-every", "0", "--num-workers", "0",
-        "--no-compile"]  # eager on a GPU too (a compile per run would take minutes); one test below compiles
+        "--no-compile"]  # no grids; eager on a GPU too (a compile per run would take minutes; one test below compiles)
 
 
 def states(path):
@@ -184,6 +184,19 @@ def test_warm_start_begins_at_the_fp_model_ternarised(tmp_path, image_folder):
     train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "1", "--out-dir",
                        str(tmp_path / "distilled"), "--teacher", os.path.join(fp_dir, "ckpt.pt")])
     assert losses(str(tmp_path / "distilled"))[0] > losses(str(tmp_path / "plain"))[0] + 1e-4
+
+
+def test_sample_grids_leave_the_training_as_it_is(tmp_path):
+    """Grids of the EMA model every 2 steps and at the end (their own generator) leave the weights as a run without
+    grids has them; --sample-every 0 draws none (the tests train with it: a grid is 50 CFG steps)."""
+    runs = {every: str(tmp_path / f"every{every}") for every in ("0", "2")}
+    for every, out in runs.items():
+        train.main(FAST + ["--global-batch-size", "4", "--max-steps", "3", "--sample-every", every, "--out-dir", out])
+    grids = {every: sorted(f for f in os.listdir(out) if f.endswith(".png")) for every, out in runs.items()}
+    assert grids == {"0": [], "2": ["samples_0000002.png", "samples_0000003.png"]}
+    with_grids, without = (states(os.path.join(runs[e], "ckpt.pt")) for e in ("2", "0"))
+    for k in ("model", "ema"):
+        assert_same_weights(with_grids[k], without[k], atol=0)
 
 
 def test_steps_per_second_leave_the_sample_grids_out(tmp_path, monkeypatch):
