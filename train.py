@@ -65,6 +65,8 @@ def get_args(argv=None):
     p.add_argument("--fp", action="store_true", help="train the full-precision twin instead of the ternary model")
     p.add_argument("--init-from", default=None, help="warm-started QAT: a full-precision checkpoint (train.py --fp) "
                    "of the same model whose EMA weights start this ternary run, α fitted to them (quant.fit_alpha)")
+    p.add_argument("--carry-adam", action="store_true", help="with --init-from: carry the FP run's AdamW moments and "
+                   "step count over to the latent weights (the α start fresh); otherwise AdamW starts fresh")
     p.add_argument("--teacher", default=None, help="distillation: a full-precision checkpoint of the same model whose "
                    "EMA output (ε and v) the ternary model also learns to match")
     p.add_argument("--distill-weight", type=positive_float, default=1.0, help="weight of the teacher-matching MSE "
@@ -205,8 +207,9 @@ def read_run(path, unreadable):
         raise ValueError(f"{unreadable} ({type(e).__name__})") from None
 
 
-def fp_weights(path, cfg, flag):
-    """The EMA weights of a full-precision train.py checkpoint of the model cfg describes (--init-from, --teacher)."""
+def fp_checkpoint(path, cfg, flag, keep=("ema",)):
+    """The parts `keep` of a full-precision train.py checkpoint of the model cfg describes (--init-from,
+    --teacher); the rest is let go (at 4.2B each part is 17 GB of host memory)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path}: no such checkpoint file")
     ckpt, theirs = read_run(path, f"{flag} {path} is not a readable train.py checkpoint")
@@ -217,7 +220,7 @@ def fp_weights(path, cfg, flag):
         if k != "ternary" and theirs[k] != v:
             raise ValueError(f"{flag} {path} has {k} = {theirs[k]} where this run has {v}: train with the flags "
                              f"of the run that wrote it (--size, --image-size, --pos-embed, --no-adaln-norm, --data)")
-    return ckpt["ema"]
+    return {k: ckpt[k] for k in keep}
 
 
 @torch.no_grad()
@@ -231,6 +234,36 @@ def warm_start(model, weights):
     for m in model.modules():
         if isinstance(m, TernaryLinear) and m.ternary:
             m.alphas.copy_(fit_alpha(m.weight))
+
+
+def fp_sources(args, cfg):
+    """(warm start, teacher weights): the EMA weights (and, with --carry-adam, the AdamW state) of --init-from,
+    unless resuming, and the EMA weights of --teacher; None where not asked. A file both name is read once."""
+    if args.fp and (args.init_from or args.teacher):
+        raise ValueError("--init-from and --teacher start or guide a ternary run from a full-precision one: drop --fp")
+    if args.carry_adam and not args.init_from:
+        raise ValueError("--carry-adam carries the AdamW state of the --init-from checkpoint: give --init-from too")
+    init = fp_checkpoint(args.init_from, cfg, "--init-from", ("ema", "opt") if args.carry_adam else ("ema",)) \
+        if args.init_from and not args.resume else None
+    teacher = None
+    if args.teacher:
+        same = init is not None and args.teacher == args.init_from
+        teacher = (init if same else fp_checkpoint(args.teacher, cfg, "--teacher"))["ema"]
+    return init, teacher
+
+
+def carry_adam(model, opt, fp_opt, fsdp):
+    """--carry-adam: the FP run's AdamW moments and step count go on with the latent weights they belong to (they
+    share names); the α, which the FP model does not have, start with fresh state. The hyperparameters stay this
+    run's. The moments are the FP run's raw weights', the latent weights its EMA: close late in a run."""
+    params = dict(model.named_parameters())
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    state = {"state": {n: s for n, s in fp_opt["state"].items() if n in params},
+             "param_groups": [{**group, "params": list(params)}]}
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=fsdp, strict=False))
+    for n, p in params.items():  # FSDP's loader gives every parameter a state, one zero-gradient step old: the
+        if n not in fp_opt["state"]:  # α's would start at step 1, not 0, unlike in one process
+            opt.state.pop(p, None)
 
 
 def build_teacher(weights, cfg, device, compiled):
@@ -445,22 +478,18 @@ def train(args, stop_signal):
     cfg, ckpt = run_config(args, dataset, vae, ckpt_path, log_path, master_process)
     if args.fsdp and not ddp:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node=N")
-    if args.fp and (args.init_from or args.teacher):
-        raise ValueError("--init-from and --teacher start or guide a ternary run from a full-precision one: drop --fp")
-    init = fp_weights(args.init_from, cfg, "--init-from") if args.init_from and not args.resume else None
-    teacher = None
-    if args.teacher:  # read once where --init-from names the same file
-        same = init is not None and args.teacher == args.init_from
-        teacher = init if same else fp_weights(args.teacher, cfg, "--teacher")
-    raw_model, ema, compiled = build_model(cfg, args, device, init)
+    init, teacher = fp_sources(args, cfg)
+    raw_model, ema, compiled = build_model(cfg, args, device, init["ema"] if init else None)
     if teacher is not None:
         teacher = build_teacher(teacher, cfg, device, compiled)
-    del init
     torch.manual_seed(args.seed + rank)
     opt = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")
     step = load_checkpoint(raw_model, ema, opt, ckpt, args.fsdp) if args.resume else 0
     if args.resume:
         log(f"resumed from {ckpt_path} at step {step}")
+    elif init is not None and args.carry_adam:
+        carry_adam(raw_model, opt, init["opt"], args.fsdp)
+    del init
     del ckpt
     model = raw_model
     if ddp and not args.fsdp:
@@ -472,6 +501,7 @@ def train(args, stop_signal):
         f"parameters, {len(dataset)} images, {world} process(es) on {device.type}{' (FSDP)' if args.fsdp else ''}"
         f"{', compiled' if compiled else ''}, global batch {args.global_batch_size} = {world} x {accum} x {micro}"
         f"{f', warm-started from {args.init_from}' if args.init_from and not args.resume else ''}"
+        f"{' with its AdamW state' if args.carry_adam and not args.resume else ''}"
         f"{f', distilled from {args.teacher}' if args.teacher else ''}")
 
     G = args.global_batch_size

@@ -116,6 +116,24 @@ def test_two_cpu_processes_match_one_and_resume(tmp_path, mode):
         assert_same_weights(a[k], b[k], atol=0)
 
 
+def test_carried_adam_state_is_the_same_under_fsdp(tmp_path):
+    """--init-from with --carry-adam over 2 FSDP processes takes the same first step as in one process (torch's
+    sharded loader must not give the α, which have no carried state, a state of its own)."""
+    fp, args = str(tmp_path / "fp" / "ckpt.pt"), FAST + ["--global-batch-size", "4", "--lr", "1e-3"]
+    train.main(args + ["--fp", "--max-steps", "3", "--out-dir", str(tmp_path / "fp")])
+    warm = args + ["--max-steps", "1", "--init-from", fp, "--carry-adam"]
+    train.main(warm + ["--out-dir", str(tmp_path / "single")])
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *warm, "--fsdp", "--out-dir", str(tmp_path / "fsdp")], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single, fsdp = states(str(tmp_path / "single" / "ckpt.pt")), states(str(tmp_path / "fsdp" / "ckpt.pt"))
+    # an α whose gradient is near Adam's eps moves by up to ~3e-5 with the summation order; a state one step
+    # old would move each α's first step ~25% less: ~2.5e-4 at lr 1e-3
+    assert_same_weights(fsdp["model"], single["model"], atol=1e-4)
+
+
 def test_fsdp_needs_torchrun(tmp_path):
     with pytest.raises(ValueError, match="launch with torchrun"):
         train.main(FAST + ["--fsdp", "--max-steps", "1", "--out-dir", str(tmp_path / "run")])
@@ -147,7 +165,7 @@ def test_warm_start_begins_at_the_fp_model_ternarised(tmp_path, image_folder):
                        "--out-dir", fp_dir])
     fp = states(os.path.join(fp_dir, "ckpt.pt"))
     cfg = train.TerDiTConfig(**{**fp["model_config"], "ternary": True})
-    init = train.fp_weights(os.path.join(fp_dir, "ckpt.pt"), cfg, "--init-from")
+    init = train.fp_checkpoint(os.path.join(fp_dir, "ckpt.pt"), cfg, "--init-from")["ema"]
     args = SimpleNamespace(seed=1, no_compile=True, fsdp=False)
     warm, ema, _ = train.build_model(cfg, args, torch.device("cpu"), init)
     by_hand = train.TerDiT(train.TerDiTConfig(**fp["model_config"]))
@@ -169,6 +187,20 @@ def test_warm_start_begins_at_the_fp_model_ternarised(tmp_path, image_folder):
     # a ternary run starts from it and trains; a checkpoint of another model, or a ternary one, is refused
     train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "2", "--out-dir",
                        str(tmp_path / "warm"), "--init-from", os.path.join(fp_dir, "ckpt.pt")])
+    # --carry-adam: the latent weights' AdamW state goes on from the FP run's 3 steps; the α's starts fresh
+    fresh = states(str(tmp_path / "warm" / "ckpt.pt"))["opt"]["state"]
+    train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "1", "--out-dir",
+                       str(tmp_path / "carried"), "--init-from", os.path.join(fp_dir, "ckpt.pt"), "--carry-adam"])
+    carried = states(str(tmp_path / "carried" / "ckpt.pt"))["opt"]["state"]
+    alphas = [k for k in carried if k.endswith(".alphas")]
+    assert len(alphas) == n_ternary and carried.keys() == fresh.keys()
+    for k, s in carried.items():
+        assert float(s["step"]) == (1 if k in alphas else 4) and float(fresh[k]["step"]) == 2, k
+        if k not in alphas:  # v = β2·v_fp + (1 - β2)·g² >= β2·v_fp, which a fresh v (= (1 - β2)·g²) is not
+            assert (s["exp_avg_sq"] >= 0.999 * fp["opt"]["state"][k]["exp_avg_sq"] * (1 - 1e-6)).all(), k
+    with pytest.raises(ValueError, match="give --init-from too"):
+        train.main(FAST + ["--data", image_folder, "--max-steps", "1", "--out-dir", str(tmp_path / "none"),
+                           "--carry-adam"])
     with pytest.raises(ValueError, match="has input_size = 16 where this run has 8"):
         train.main(FAST + ["--data", image_folder, "--image-size", "8", "--max-steps", "1", "--out-dir",
                            str(tmp_path / "other"), "--init-from", os.path.join(fp_dir, "ckpt.pt")])
