@@ -55,8 +55,8 @@ def config_from_dict(d):
     return TerDiTConfig(**d)
 
 
-# Sizes: tiny is for CPU tests, XS for the shipped demo (it samples on a laptop CPU); S and B are DiT-S/B widths; 600M and 4.2B are the paper's two ImageNet models
-# (registry names DiT_Llama_600M_patch2 and DiT_Llama_3B_patch2 in the reference).
+# Sizes: tiny is for CPU tests, XS for the shipped demo (it samples on a laptop CPU); S and B are DiT-S/B widths;
+# 600M and 4.2B are the paper's two ImageNet models (DiT_Llama_600M_patch2 and DiT_Llama_3B_patch2 in the reference).
 SIZES = {
     "tiny": dict(dim=128, depth=4, n_heads=4),
     "XS": dict(dim=192, depth=6, n_heads=3),

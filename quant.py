@@ -49,7 +49,8 @@ TerDiT trains from scratch. Later low-bit work (ParetoQ, Continual QAT) trains i
 switches to QAT for the last part of the budget. The trained FP weights become the latent weights W, and α is
 set to the least-squares scale of their trits, α = Σ|W|·|W̃| / Σ|W̃| (the mean |W| of the entries that stay
 nonzero; TWN, Li et al. 2016): the α that makes α·W̃ closest to W, so the first ternary forward pass is as near
-the FP model's as one α per matrix allows (`fit_alpha`; train.py --init-from).
+the FP model's as one α per matrix allows (`fit_alpha`; train.py --init-from, with AdamW fresh or, with
+--carry-adam, the FP run's moments).
 
 At deployment the latent weights are thrown away: `export_ternary` returns each layer's trits (int8) and α,
 which pack.py stores in 2 bits each and kernel.py multiplies (at small batch without ever expanding them to

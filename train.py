@@ -13,10 +13,11 @@ The 4.2B model does not fit DDP on 80 GB GPUs (fp32 weights, gradients, Adam and
 to shard them over the GPUs.
 Not in the paper: start the ternary run from a trained full-precision twin (warm-started QAT), and/or distil it:
     python train.py --fp --out-dir out/fp && python train.py --init-from out/fp/ckpt.pt --teacher out/fp/ckpt.pt
+--carry-adam also carries the FP run's AdamW state (fresh by default).
 
 Recipe (DiT and the TerDiT paper): AdamW, lr 1e-4, no weight decay, EMA 0.9999, global batch 256, bf16 autocast
 on GPU, gradient clipping at 2 (Large-DiT), and the learning rate divided by 10 late in training (the paper's
-ablation shows ternary models need that reduction; it gives no schedule, so where is ours: --lr-drop).
+ablation shows ternary models need that reduction; it gives no schedule: ours is --lr-drop).
 The defaults of --size, --global-batch-size and --max-steps are small so that `python train.py` runs on a CPU.
 
 Reproducibility: every random draw of a step (which images, t, noise, flips, label drops) comes from a generator
