@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import pack
 import quant
 import sample
 from diffusion import Diffusion
@@ -242,6 +243,20 @@ def print_score(result, size_key):
           f" {size_key}={result[size_key]}")
 
 
+def recipe(path):
+    """What a train.py run added to training from scratch: "from scratch", or "warm start", "carried AdamW" and
+    "teacher" (--init-from, --carry-adam, --teacher) joined by " + " (plot.py --study draws each recipe apart).
+    None where the file does not say: a packed file, an official folder, a checkpoint without train.py's args."""
+    if os.path.isdir(path) or pack.is_packed(path):
+        return None
+    args = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("args")  # mmap: no tensor read
+    if args is None:
+        return None
+    parts = [name for name, flag in (("warm start", "init_from"), ("carried AdamW", "carry_adam"),
+                                     ("teacher", "teacher")) if args.get(flag)]
+    return " + ".join(parts) or "from scratch"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -276,7 +291,7 @@ def main(argv=None):
     model = sample.load_model(args.ckpt, args.device, args.act)
     params = sum(p.numel() for p in TerDiT(model.config, device="meta").parameters())  # packed or not
     result = dict(ckpt=args.ckpt, ckpt_bytes=os.path.getsize(args.ckpt), ternary=model.config.ternary, ptq=args.ptq,
-                  act=args.act, params=params)
+                  act=args.act, params=params, recipe=recipe(args.ckpt))
     if args.ptq:
         ptq_ternary(model)
     if args.adaln_stats:

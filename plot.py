@@ -1,11 +1,15 @@
 """
 Training-loss curves of one or more runs, from their log.jsonl files (written by train.py), as one PNG; or the
 2-bit kernel's speed-up over cuBLAS per layer shape, from a `bench.py --what kernels` JSON; or the size study:
-accuracy, FD and final loss against parameters, ternary and full precision, from evaluate.py JSONs and the runs' logs.
+accuracy, FD and final loss against parameters, ternary and full precision, from evaluate.py JSONs and the
+runs' logs.
 
     python plot.py --logs out/ternary/log.jsonl out/fp/log.jsonl --labels ternary fp --out assets/loss.png
     python plot.py --kernels bench_results/kernels_h200.json --out results/kernel_speedup.png
-    python plot.py --study results/study/eval_*.json --logs results/study/log_*.jsonl --out results/size_study.png
+    python plot.py --study out/eval_XS.json out/eval_S.json --logs out/XS/log.jsonl out/S/log.jsonl --out study.png
+
+In the study each kind of run is a line: ternary, full precision, and each recipe evaluate.py found in a train.py
+checkpoint (e.g. "ternary, warm start"); JSONs from before evaluate.py recorded the recipe count as ternary.
 
 Each curve is a centred moving median (--smooth log points) over the faint raw losses. matplotlib is needed
 by this script only (pip install matplotlib); nothing else in the repository imports it.
@@ -76,30 +80,44 @@ def final_loss(path, n=10):
     return sorted(losses)[len(losses) // 2]
 
 
-def plot_study(axes, evals, logs):
-    """Accuracy, FD and final loss against parameters, one line for ternary and one for full precision (the mean
-    over seeds; each seed a dot). Run i's log is logs[i], in the order of the evaluate.py JSONs."""
-    runs = {}  # (kind, params) -> [(accuracy, fd, final loss) per seed]
+def study_runs(evals, logs):
+    """{(kind, parameters): [(accuracy, FD, final loss) per seed]} from evaluate.py JSONs and the runs' logs (logs[i]
+    is the run of evals[i]). kind: "full precision", "ternary" (from scratch, or a file that does not say), or
+    "ternary, " + the recipe (e.g. "ternary, warm start"): a warm-started run is no seed of the scratch one."""
+    runs = {}
     for path, log in zip(evals, logs):
         with open(path) as f:
             r = json.load(f)
         if "params" not in r or "fd" not in r:
             raise ValueError(f"{path} is not an evaluate.py sampling result with a parameter count: rerun evaluate.py")
-        runs.setdefault(("ternary" if r["ternary"] else "full precision", r["params"]), []).append(
-            (r["accuracy"], r["fd"], final_loss(log)))
+        recipe = r.get("recipe")  # absent from JSONs older than the field
+        if not r["ternary"]:
+            kind = "full precision"
+        elif recipe in (None, "from scratch"):
+            kind = "ternary"
+        else:
+            kind = "ternary, " + recipe
+        runs.setdefault((kind, r["params"]), []).append((r["accuracy"], r["fd"], final_loss(log)))
+    return runs
+
+
+def plot_study(axes, evals, logs):
+    """Accuracy, FD and final loss against parameters, one line per kind of run (study_runs: ternary, full
+    precision, each recipe), the mean over seeds, each seed a dot."""
+    runs = study_runs(evals, logs)
     mean = {key: [sum(v) / len(v) for v in zip(*vs)] for key, vs in runs.items()}
+    kinds = sorted({k for k, _ in runs}, key=lambda k: (k != "ternary", k != "full precision", k))
     for i, (ax, name) in enumerate(zip(axes, ("accuracy", "FD (lower is better)", "final training loss"))):
-        for kind in ("ternary", "full precision"):
+        for kind in kinds:
             sizes = sorted(p for k, p in runs if k == kind)
-            if sizes:
-                line, = ax.plot(sizes, [mean[kind, p][i] for p in sizes], marker="o", label=kind)
-                for p in sizes:
-                    ax.scatter([p] * len(runs[kind, p]), [v[i] for v in runs[kind, p]], color=line.get_color(), s=12)
+            line, = ax.plot(sizes, [mean[kind, p][i] for p in sizes], marker="o", label=kind)
+            for p in sizes:
+                ax.scatter([p] * len(runs[kind, p]), [v[i] for v in runs[kind, p]], color=line.get_color(), s=12)
         ax.set(xscale="log", xlabel="parameters", title=name)
         ax.grid(alpha=0.3)
     ratios = ", ".join(f"{p / 1e6:.1f}M {r:.2f}" for p, r in fd_ratios(mean).items())
     axes[1].set_title("FD; ternary / FP: " + ratios, fontsize=9)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
 
 
 def fd_ratios(mean):

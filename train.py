@@ -156,6 +156,8 @@ def run_config(args, dataset, vae, ckpt_path, log_path, master_process):
                 flag = "--" + k.replace("_", "-")
                 raise ValueError(f"--resume: {flag} {getattr(args, k)} conflicts with the checkpoint's {ckpt['args'][k]}: "
                                  f"resume with the flags of the run that wrote {ckpt_path}")
+        for k in ("init_from", "carry_adam"):  # how the run began, kept in every checkpoint (evaluate.py reports it)
+            setattr(args, k, ckpt.get("args", {}).get(k) or getattr(args, k))
         if master_process:
             truncate_log(log_path, ckpt["step"])
     else:

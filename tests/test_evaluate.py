@@ -131,7 +131,7 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     evaluate.main()
     r = json.loads(out.read_text())
     assert r["ptq"] and 0 <= r["accuracy"] <= 1 and r["fd"] > 0 and r["ckpt_bytes"] == os.path.getsize(ckpt)
-    assert r["params"] == sum(p.numel() for p in m.parameters())
+    assert r["params"] == sum(p.numel() for p in m.parameters()) and r["recipe"] is None  # no train.py args
     monkeypatch.setattr(sys, "argv", common + ["--adaln-stats", "--num-samples", "10"])
     evaluate.main()
     assert len(json.loads(out.read_text())["adaln_stats"]) == 5 * len(m.layers)

@@ -51,6 +51,12 @@ def test_study_plot_reads_evaluate_results_and_logs(tmp_path):
     assert plot.final_loss(logs[0]) == sorted(1.0 / s for s in range(20, 30))[5]
     mean = {("ternary" if t else "full precision", p): (0.8, fd, 0.1) for t, p, fd in runs}
     assert plot.fd_ratios(mean) == {4167224: 14.0 / 8.0, 32484968: 9.0 / 7.5}
+    # a warm-started run is a kind of its own, not a second seed of the ternary model of its size
+    (tmp_path / "w.json").write_text(json.dumps(dict(ternary=True, params=32484968, accuracy=0.9, fd=7.9,
+                                                     recipe="warm start")))
+    plot.main(["--study", *evals, str(tmp_path / "w.json"), "--logs", *logs, logs[0], "--out", out])
+    found = plot.study_runs(evals + [str(tmp_path / "w.json")], logs + [logs[0]])
+    assert len(found["ternary", 32484968]) == 1 and found["ternary, warm start", 32484968][0][1] == 7.9
     with pytest.raises(ValueError, match="give each run's log"):
         plot.main(["--study", *evals, "--logs", logs[0], "--out", out])
     (tmp_path / "e0.json").write_text(json.dumps(dict(ternary=True, accuracy=0.8, fd=1.0)))

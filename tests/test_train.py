@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import evaluate
 import quant
 import train
 from conftest import ROOT
@@ -216,6 +217,12 @@ def test_warm_start_begins_at_the_fp_model_ternarised(tmp_path, image_folder):
     train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "1", "--out-dir",
                        str(tmp_path / "distilled"), "--teacher", os.path.join(fp_dir, "ckpt.pt")])
     assert losses(str(tmp_path / "distilled"))[0] > losses(str(tmp_path / "plain"))[0] + 1e-4
+    # evaluate.py reports each run's recipe, also after a --resume that does not repeat --init-from
+    train.main(FAST + ["--data", image_folder, "--global-batch-size", "4", "--max-steps", "3", "--out-dir",
+                       str(tmp_path / "carried"), "--resume"])
+    recipe = lambda run: evaluate.recipe(str(tmp_path / run / "ckpt.pt"))
+    assert [recipe(r) for r in ("plain", "warm", "carried", "distilled")] == \
+        ["from scratch", "warm start", "warm start + carried AdamW", "teacher"]
 
 
 def test_sample_grids_leave_the_training_as_it_is(tmp_path):
