@@ -42,11 +42,17 @@ def test_image_folder_converts_every_mode(tmp_path):
     assert [ds[i][1] for i in range(4)] == [0, 0, 1, 1]
 
 
-def run_cli(*args):
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    return lines[-1]
+def last_lines(*commands):
+    """Run each script (its argument list) at once, each its own process; the last stderr line of each, which must
+    have failed without a traceback. Concurrent: each process spends its first seconds importing torch."""
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for args in commands]
+    lines = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode != 0 and "Traceback" not in err, err
+        lines.append(err.strip().splitlines()[-1])
+    return lines
 
 
 def test_bad_input_gets_one_clear_line(tmp_path):
@@ -59,17 +65,23 @@ def test_bad_input_gets_one_clear_line(tmp_path):
     junk.write_bytes(b"this is not a checkpoint")
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
-    common = ["--size", "tiny", "--max-steps", "1", "--num-workers", "0", "--out-dir", str(tmp_path / "o")]
-    line = run_cli("train.py", "--data", str(tmp_path / "missing"), *common)
-    assert line.startswith("error:") and "does not exist" in line
-    assert "no images found" in run_cli("train.py", "--data", str(empty), *common)
-    line = run_cli("train.py", "--data", str(tmp_path / "bad"), *common)
-    assert "broken.png" in line and "cannot read image" in line
-    assert "invalid choice: 'XL'" in run_cli("train.py", "--size", "XL")
-    assert "does not exist" in run_cli("sample.py", "--ckpt", str(tmp_path / "nope.pt"))
-    assert "cannot be read as a torch checkpoint" in run_cli("sample.py", "--ckpt", str(junk))
-    assert "not a TerDiT checkpoint" in run_cli("sample.py", "--ckpt", str(other))
-    assert "--resume: no checkpoint" in run_cli("train.py", "--resume", *common)
+    common = lambda run: ["--size", "tiny", "--max-steps", "1", "--num-workers", "0", "--out-dir", str(tmp_path / run)]
+    lines = last_lines(["train.py", "--data", str(tmp_path / "missing"), *common("o1")],
+                       ["train.py", "--data", str(empty), *common("o2")],
+                       ["train.py", "--data", str(tmp_path / "bad"), *common("o3")],
+                       ["train.py", "--size", "XL"],
+                       ["sample.py", "--ckpt", str(tmp_path / "nope.pt")],
+                       ["sample.py", "--ckpt", str(junk)],
+                       ["sample.py", "--ckpt", str(other)],
+                       ["train.py", "--resume", *common("o4")])
+    assert lines[0].startswith("error:") and "does not exist" in lines[0]
+    assert "no images found" in lines[1]
+    assert "broken.png" in lines[2] and "cannot read image" in lines[2]
+    assert "invalid choice: 'XL'" in lines[3]
+    assert "does not exist" in lines[4]
+    assert "cannot be read as a torch checkpoint" in lines[5]
+    assert "not a TerDiT checkpoint" in lines[6]
+    assert "--resume: no checkpoint" in lines[7]
 
 
 def test_latent_mode_with_a_tiny_random_vae(tmp_path, image_folder):
