@@ -85,20 +85,25 @@ def test_nan_loss_stops_without_checkpoint(tmp_path, image_folder, monkeypatch):
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
 
 
+def two_cpu_processes(*args):
+    """train.py under torchrun with 2 CPU processes (gloo), whatever GPUs the machine has; its stdout."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_cpu_processes_match_one_and_resume(tmp_path, mode):
     """torchrun --nproc_per_node=2 (gloo) with global batch 8 equals one process with global batch 8; stopped
     after 3 steps and resumed (still 2 processes), it ends exactly where a straight 5-step run does."""
     args = FAST + ["--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3", "--lr-drop", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
     def torchrun(out, *more):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "train.py", *args, *(["--fsdp"] if mode == "fsdp" else []), *more, "--out-dir", out],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert "global batch 8 = 2 x 2 x 2" in run.stdout
-        assert ("weights identical on all 2 ranks: yes" in run.stdout) == (mode == "ddp")  # FSDP holds shards
+        stdout = two_cpu_processes(*args, *(["--fsdp"] if mode == "fsdp" else []), *more, "--out-dir", out)
+        assert "global batch 8 = 2 x 2 x 2" in stdout
+        assert ("weights identical on all 2 ranks: yes" in stdout) == (mode == "ddp")  # FSDP holds shards
         return states(os.path.join(out, "ckpt.pt"))
 
     halves, straight = str(tmp_path / "halves"), str(tmp_path / "straight")
@@ -124,11 +129,7 @@ def test_carried_adam_state_is_the_same_under_fsdp(tmp_path):
     train.main(args + ["--fp", "--max-steps", "3", "--out-dir", str(tmp_path / "fp")])
     warm = args + ["--max-steps", "1", "--init-from", fp, "--carry-adam"]
     train.main(warm + ["--out-dir", str(tmp_path / "single")])
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *warm, "--fsdp", "--out-dir", str(tmp_path / "fsdp")], cwd=ROOT,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    two_cpu_processes(*warm, "--fsdp", "--out-dir", str(tmp_path / "fsdp"))
     single, fsdp = states(str(tmp_path / "single" / "ckpt.pt")), states(str(tmp_path / "fsdp" / "ckpt.pt"))
     # an α whose gradient is near Adam's eps moves by up to ~3e-5 with the summation order; a state one step
     # old would move each α's first step ~25% less: ~2.5e-4 at lr 1e-3
